@@ -152,6 +152,8 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--levels", type=int, help="L, resolution levels per path")
     g.add_argument("--loss", choices=list(LOSSES))
     g.add_argument("--lr", type=float)
+    g.add_argument("--lr-schedule", choices=["constant", "poly"],
+                   help="poly anneals the rate to ~0 over the budget (or the epochs)")
     g.add_argument("--batch-size", type=int, help="samples per step (under torchrun: per process)")
     g.add_argument("--epochs", type=int, help="maximum epochs")
     g.add_argument("--min-epochs", type=int)
@@ -179,7 +181,7 @@ def config_from_args(args: argparse.Namespace, default_recipe: str):
         cfg.model.features = args.features
     if args.levels:
         cfg.model.levels = args.levels
-    for flag, attr in (("loss", "loss"), ("lr", "lr"), ("epochs", "max_epochs"), ("min_epochs", "min_epochs"),
+    for flag, attr in (("loss", "loss"), ("lr", "lr"), ("lr_schedule", "lr_schedule"), ("epochs", "max_epochs"), ("min_epochs", "min_epochs"),
                        ("patience", "patience"), ("budget_minutes", "max_minutes"), ("batch_size", "batch_size")):
         v = getattr(args, flag, None)
         if v is not None:

@@ -57,6 +57,11 @@ class TrainConfig:
         ``"wce"`` (the study's class-weighted cross-entropy) or ``"dice_ce"``.
     lr : float
         Adam learning rate (the study: 5e-5).
+    lr_schedule : str
+        ``"constant"`` (the study) or ``"poly"``: ``lr * (1 - progress) ** 0.9``,
+        where progress is the elapsed share of ``max_minutes`` when a budget is
+        set (else of ``max_epochs``), so the rate anneals to ~0 by the end of
+        the budget (nnU-Net's schedule, stretched over wall-clock time).
     batch_size : int
         Samples per step (the study: 1).
     max_epochs, min_epochs, patience, min_delta
@@ -83,6 +88,7 @@ class TrainConfig:
     grid: GridSpec = field(default_factory=GridSpec)
     loss: str = "wce"
     lr: float = 5e-5
+    lr_schedule: str = "constant"
     batch_size: int = 1
     max_epochs: int = 100
     min_epochs: int = 30
@@ -134,8 +140,8 @@ RECIPES: dict[str, TrainConfig] = {
     "cpu-2d": TrainConfig(
         model=default_config("2d-same", features=24, levels=5),
         grid=GridSpec(in_plane_spacing=1.8),
-        loss="dice_ce", lr=2e-3, batch_size=4, max_epochs=400, min_epochs=20, patience=20,
-        max_minutes=20.0, augment=["flip", "intensity", "affine"], bg_slice_ratio=0.5,
+        loss="dice_ce", lr=2e-3, lr_schedule="poly", batch_size=4, max_epochs=400, min_epochs=20,
+        patience=20, max_minutes=20.0, augment=["flip", "intensity", "affine"], bg_slice_ratio=0.5,
         weight_decay=1e-5,
     ),
     "synthetic-quick": TrainConfig(
@@ -294,6 +300,27 @@ def _augment(x: torch.Tensor, y: torch.Tensor, names: list[str], rng: np.random.
 
 
 # ----------------------------------------------------------------------------- loop
+def lr_factor(config: "TrainConfig", elapsed_s: float, epoch_progress: float) -> float:
+    """Multiplier of ``config.lr`` at this point of training (see ``TrainConfig.lr_schedule``).
+
+    Parameters
+    ----------
+    elapsed_s : float
+        Training seconds so far (used when ``config.max_minutes`` is set).
+    epoch_progress : float
+        Epochs done so far, fractional (used otherwise).
+    """
+    if config.lr_schedule == "constant":
+        return 1.0
+    if config.lr_schedule != "poly":
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; choose constant or poly")
+    if config.max_minutes:
+        frac = elapsed_s / (60.0 * config.max_minutes)
+    else:
+        frac = epoch_progress / max(config.max_epochs, 1)
+    return float(max(0.0, 1.0 - min(frac, 1.0)) ** 0.9)
+
+
 def _early_stop(vals: list[float], cfg: TrainConfig) -> bool:
     """The study's rule: after min_epochs, stop when the last `patience` epochs
     did not improve on the best before them by min_delta."""
@@ -395,7 +422,7 @@ def train_model(
     # torchrun (distributed.py): `world` processes, each with batch_size samples of a global batch
     world, is_main = _dist.world_size(), _dist.is_main()
     device = _dist.device_for_rank(device)
-    amp = resolve_amp(config.precision, device)
+    amp = resolve_amp(config.precision, device, train_kind=MODELS[config.model.name].kind)
     cfg_dict = config.to_dict()
 
     torch.manual_seed(config.seed)
@@ -494,6 +521,11 @@ def train_model(
                     loss = loss * share_w
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.lr_schedule != "constant":  # one rate on every rank: rank 0's clock decides
+                    fac = lr_factor(config, elapsed(), epoch + step / max(len(batches), 1))
+                    fac = _dist.broadcast_object(fac) if world > 1 else fac
+                    for g in opt.param_groups:
+                        g["lr"] = config.lr * fac
                 opt.step()
                 losses.append(_dist.reduce_mean(float(loss.detach())) if world > 1 else float(loss.detach()))
                 done = step + 1
