@@ -386,9 +386,9 @@ def main(argv=None) -> int:
             "total_wall_minutes": round((time.monotonic() - t0) / 60, 1),
             "command": "bash bench/accuracy/run.sh " + " ".join(sys.argv[1:])}
     result = table.build(ours, peer, meta)
-    print(table.format_text(result))
-    out = table.write_json(result, Path(args.results) if not args.subset else work)
+    out = table.write_json(result, Path(args.results) if not args.subset else work)  # before printing
     (work / "accuracy.json").write_text(json.dumps(result, indent=2))
+    print(table.format_text(result))
     print(f"results: {out}")
     return 0
 

@@ -117,7 +117,10 @@ def format_text(result: dict) -> str:
         lines.append("-" * len(head))
     r = result.get("ratio_ours_over_nnunet")
     if r:
-        lines.append(f"ratio (ours/nnU-Net): mean DSC {r['mean_dsc']:.3f}, training time {r['training_time']:.2f}")
+        def num(v, d):
+            return f"{v:.{d}f}" if v is not None else "undefined (the peer's value is 0)"
+        lines.append(f"ratio (ours/nnU-Net): mean DSC {num(r['mean_dsc'], 3)}, "
+                     f"training time {num(r['training_time'], 2)}")
     peer = result["systems"].get("nnU-Net")
     if peer:
         lines.append(f"nnU-Net preprocessing (not in train min): {peer.get('preprocessing_minutes', float('nan')):.1f} min; "
