@@ -149,3 +149,24 @@ def test_prepare_restore_keeps_masks_aligned():
     assert back.shape == vol.shape
     np.testing.assert_allclose(back.affine, vol.affine)
     assert dice(back.data >= 0.5, mask) > 0.95
+
+
+def test_probability_map_written_in_1_255_steps_reads_back(tmp_path):
+    import nibabel as nib
+
+    from femur_core.io import PROB_SLOPE, read_volume, write_volume
+    from femur_core.volume import Volume
+
+    rng = np.random.default_rng(0)
+    prob = rng.random((6, 7, 5)).astype(np.float32)
+    prob[0, 0, 0], prob[0, 0, 1] = 0.0, 1.0
+    aff = np.diag([0.9, 0.9, 5.2, 1.0])
+    aff[:3, 3] = (10, -20, 30)
+    p = write_volume(Volume(prob, aff), tmp_path / "x_prob.nii.gz", dtype=np.uint8, slope=PROB_SLOPE)
+    assert nib.load(str(p)).get_data_dtype() == np.uint8
+    back = read_volume(p)
+    np.testing.assert_allclose(back.data, prob, atol=0.5 / 255 + 1e-7, rtol=0)
+    assert back.data[0, 0, 0] == 0.0 and abs(back.data[0, 0, 1] - 1.0) < 1e-6
+    np.testing.assert_allclose(back.affine, aff)
+    with pytest.raises(ValueError, match="integer dtype"):
+        write_volume(Volume(prob, aff), tmp_path / "y.nii.gz", dtype=np.float32, slope=PROB_SLOPE)

