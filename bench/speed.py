@@ -290,7 +290,7 @@ def bench_train(args, res: dict) -> None:
     from femur_core.models import MODELS
     from femur_core.training import recipe
 
-    limit = 20 if args.quick else 90
+    limit = 20 if args.quick else 45
     for name, rec, shape, reps in (("2d", "cpu-2d", (4, 3, 192, 192), 3),
                                    ("3d", "study-3d", (1, 1, 16, args.hw // 2, args.hw // 2), 2)):
         kind = MODELS[recipe(rec).model.name].kind
@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="results folder (default bench/results; --quick: a temporary folder)")
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up in logs as it happens
-    args.z, args.hw, args.reps_slow, args.train_steps, args.monai_roi = 48, 256, 3, 0, 128
+    args.z, args.hw, args.reps_slow, args.train_steps, args.monai_roi = 48, 256, 2, 0, 128
     if args.quick:
         args.z, args.hw, args.reps, args.reps_slow, args.train_steps, args.monai_roi = 16, 64, 2, 1, 3, 32
     res: dict = {"machine": machine(), "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S")}

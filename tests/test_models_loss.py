@@ -156,3 +156,23 @@ def test_affine_augmentation_keeps_valid_unet_target_aligned_with_its_tile():
         moved = (xa[b, 1, m:m + O, m:m + O] >= 0.5).numpy()
         inter = (moved & ya[b].numpy().astype(bool)).sum()
         assert 2 * inter / (moved.sum() + ya[b].sum().item()) > 0.95
+
+
+@pytest.mark.parametrize("shape,div,max_voxels", [((60, 512, 512), (8, 8, 8), 48 * 256 * 256),
+                                                  ((8, 40, 40), (2, 2, 2), 8 * 24 * 24),
+                                                  ((130, 97, 203), (4, 16, 16), 40 * 64 * 64)])
+def test_window_plan_covers_the_volume_within_budget(shape, div, max_voxels):
+    from femur_core.inference import window_plan
+
+    padded, win, starts = window_plan(shape, div, max_voxels)
+    assert all(p % d == 0 and p >= s for p, s, d in zip(padded, shape, div))
+    assert all(w % d == 0 and w <= p for w, d, p in zip(win, div, padded))
+    assert np.prod(win) <= max(max_voxels, np.prod(div)) or win[0] == padded[0]
+    for p, w, st in zip(padded, win, starts):
+        cov = np.zeros(p, bool)
+        for a in st:
+            assert 0 <= a and a + w <= p
+            cov[a:a + w] = True
+        assert cov.all()
+    if shape == (60, 512, 512):  # slices fit one window: the depth is not split in two
+        assert len(starts[0]) == 1 and win[0] == 64 and np.prod(win) <= max_voxels

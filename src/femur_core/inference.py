@@ -29,7 +29,7 @@ from .volume import Volume, from_canonical
 
 __all__ = [
     "LoadedModel", "Prediction", "load_model", "predict_array", "predict_volume", "postprocess",
-    "keep_largest_per_side", "resolve_device", "resolve_amp", "tile_plan",
+    "keep_largest_per_side", "resolve_device", "resolve_amp", "tile_plan", "window_plan",
 ]
 
 
@@ -276,6 +276,34 @@ def _gaussian_weights(shape: tuple[int, ...], sigma_frac: float = 0.125) -> np.n
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
+def window_plan(shape: tuple[int, ...], divisor: tuple[int, ...], max_voxels: int,
+                patch: tuple[int, ...] | None = None):
+    """Sliding windows for a volume too large for one pass.
+
+    The volume is padded to multiples of the network's ``divisor``. Axes that
+    fit whole in the requested patch are not split (a 60-slice scan is one
+    window deep, not two); in-plane windows are as large as ``max_voxels``
+    allows and overlap by about half.
+
+    Returns
+    -------
+    padded_shape, patch, starts
+        The padded volume shape, the window shape (multiples of ``divisor``)
+        and, per axis, the sorted window start offsets (every voxel covered).
+    """
+    padded = tuple(int(math.ceil(s / d) * d) for s, d in zip(shape, divisor))
+    if patch is None:
+        side = int((max_voxels / max(padded[0], 1)) ** 0.5)
+        patch = (padded[0], side, side)
+    win = tuple(pd if p >= s else int(min(pd, max(d, (p // d) * d)))
+                for p, s, d, pd in zip(patch, shape, divisor, padded))
+    starts = []
+    for pd, p in zip(padded, win):
+        n = max(1, int(math.ceil((pd - p) / max(p / 2, 1))) + 1)
+        starts.append(sorted({int(round(i * (pd - p) / max(n - 1, 1))) for i in range(n)}))
+    return padded, win, starts
+
+
 def _predict_3d(net, vol, device, amp, progress, cancel, max_voxels: int, patch=None, channels_last=False):
     div = net.divisor
     x = torch.from_numpy(np.ascontiguousarray(vol))[None, None]
@@ -292,16 +320,9 @@ def _predict_3d(net, vol, device, amp, progress, cancel, max_voxels: int, patch=
         emit(progress, ProgressEvent("predict", 1, 1, message="3D volume"))
         return p
     # sliding windows with half overlap and Gaussian weighting
-    if patch is None:
-        side = int((max_voxels / max(vol.shape[0], 1)) ** 0.5)
-        patch = (vol.shape[0], side, side)
-    patch = tuple(int(max(d, (min(p, s) // d) * d)) for p, s, d in zip(patch, vol.shape, div))
-    xp, shape = _pad_to(x, tuple(max(p, d) for p, d in zip(patch, div)))
+    padded_shape, patch, starts = window_plan(vol.shape, div, max_voxels, patch)
+    xp, shape = _pad_to(x, div)
     full = xp.shape[2:]
-    starts = []
-    for s, p in zip(full, patch):
-        n = max(1, int(math.ceil((s - p) / (p / 2))) + 1)
-        starts.append(sorted({int(round(i * (s - p) / max(n - 1, 1))) for i in range(n)}))
     w = _gaussian_weights(patch)
     acc = np.zeros(full, np.float32)
     norm = np.zeros(full, np.float32)
