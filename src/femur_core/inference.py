@@ -187,7 +187,7 @@ def _softmax_fg(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
-def _predict_2d_valid(net, vol, in_slices, levels, device, amp, progress, cancel, batch_slices=2, fmt=None,
+def _predict_2d_valid(net, vol, in_slices, levels, device, amp, progress, cancel, batch_slices=None, fmt=None,
                       literal_tiles=False):
     """Mirrored 3 x 3 tile averaging of a valid-convolution 2D U-Net.
 
@@ -204,6 +204,8 @@ def _predict_2d_valid(net, vol, in_slices, levels, device, amp, progress, cancel
     m, o = plan.margin, plan.tile_out
     padded = np.pad(vol, ((0, 0), (m, m + o), (m, m + o)), mode="reflect")
     prob = np.zeros((Z, H, W), np.float32)
+    if batch_slices is None:  # one slice per pass was fastest for the single pass (bf16, 2 cores); 2 for tiles
+        batch_slices = 2 if literal_tiles else 1
     if not literal_tiles:
         # union of the tiles: input [0, last start + tile_in), output [0, last start + tile_out)
         uy, ux = plan.starts_y[-1] + plan.tile_in, plan.starts_x[-1] + plan.tile_in
