@@ -387,7 +387,7 @@ def bench_predict(args, res: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the machine")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--model", default=str(ROOT / "models" / "femur"), help="default model folder for predict timing")
     ap.add_argument("--scan", default=str(ROOT.parent / "shared" / "data" / "pelvic_mri" / "sub01_image.nii.gz"))
     ap.add_argument("--out", help="results folder (default bench/results; --quick: a temporary folder)")
