@@ -322,7 +322,7 @@ def _predict_3d(net, vol, device, amp, progress, cancel, max_voxels: int, patch=
         emit(progress, ProgressEvent("predict", 1, 1, message="3D volume"))
         return p
     # sliding windows with half overlap and Gaussian weighting
-    padded_shape, patch, starts = window_plan(vol.shape, div, max_voxels, patch)
+    _, patch, starts = window_plan(vol.shape, div, max_voxels, patch)  # padded shape = _pad_to(x, div) below
     xp, shape = _pad_to(x, div)
     full = xp.shape[2:]
     w = _gaussian_weights(patch)
