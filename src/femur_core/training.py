@@ -422,12 +422,13 @@ def train_model(
     # torchrun (distributed.py): `world` processes, each with batch_size samples of a global batch
     world, is_main = _dist.world_size(), _dist.is_main()
     device = _dist.device_for_rank(device)
-    amp = resolve_amp(config.precision, device, train_kind=MODELS[config.model.name].kind)
+    kind = MODELS[config.model.name].kind
+    amp = resolve_amp(config.precision, device, train_kind=kind)
     cfg_dict = config.to_dict()
 
     torch.manual_seed(config.seed)
     net = build_model(config.model).to(device)
-    fmt = memory_format(MODELS[config.model.name].kind, device, amp)
+    fmt = memory_format(kind, device, amp)
     if fmt is not None:
         net = net.to(memory_format=fmt)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -457,7 +458,6 @@ def train_model(
     ddp_net = _dist.wrap_ddp(net, device)  # `net` itself when one process trains
     train_p = prepare_subjects(train, config.grid, cache)
     val_p = prepare_subjects(val, config.grid, cache)
-    kind = MODELS[config.model.name].kind
     t_start = time.monotonic()
     stop_reason = "max_epochs"
 
