@@ -96,7 +96,7 @@ class TqdmProgress:
             self.close()
             fold = f"fold {ev.fold} " if ev.fold is not None else ""
             print(f"{fold}epoch {ev.epoch}: loss {ev.loss:.4f}  val DSC {ev.val_dsc:.4f}", file=sys.stderr)
-        elif ev.stage in ("done", "resume"):
+        elif ev.stage in ("done", "resume", "info"):
             self.close()
             print(ev.message, file=sys.stderr)
 
@@ -154,6 +154,9 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--lr-schedule", choices=["constant", "poly"],
                    help="poly anneals the rate to ~0 over the budget (or the epochs)")
+    g.add_argument("--aux-labels", choices=["on", "off"],
+                   help="on: train with an extra 'other bone' class from subNN_bones.nii.gz label maps, "
+                        "where every subject has one")
     g.add_argument("--batch-size", type=int, help="samples per step (under torchrun: per process)")
     g.add_argument("--epochs", type=int, help="maximum epochs")
     g.add_argument("--min-epochs", type=int)
@@ -194,6 +197,8 @@ def config_from_args(args: argparse.Namespace, default_recipe: str):
             setattr(cfg.grid, flag, v)
             if flag == "in_plane_size":
                 cfg.grid.in_plane_spacing = None
+    if getattr(args, "aux_labels", None) is not None:
+        cfg.aux_labels = args.aux_labels == "on"
     if args.augment is not None:
         cfg.augment = [a for a in args.augment.split(",") if a]
     cfg.seed, cfg.device, cfg.precision = args.seed, args.device, args.precision

@@ -4,6 +4,12 @@ Two folder layouts are understood:
 
 - ``subNN_image.nii.gz`` + ``subNN_femur.nii.gz`` pairs (the development data);
 - nnU-Net style ``imagesTr/<case>_0000.nii.gz`` + ``labelsTr/<case>.nii.gz``.
+
+In the first layout a subject may also have a label map of the structures
+around the femur, ``subNN_bones.nii.gz`` or ``subNN_labels.nii.gz`` (0
+background, 1 femur, 2 and up other bones such as ilium or sacrum). Training
+recipes with ``aux_labels`` use it as an extra target, so that the network
+learns the pelvis as a class of its own (see ``training.TrainConfig``).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import check_image, check_mask, read_volume
+from .io import check_image, check_labels, check_mask, read_volume
 from .volume import Volume
 
 __all__ = ["SubjectFiles", "Subject", "find_subjects", "load_subject", "load_subjects", "make_folds",
@@ -25,20 +31,22 @@ __all__ = ["SubjectFiles", "Subject", "find_subjects", "load_subject", "load_sub
 
 @dataclass(frozen=True)
 class SubjectFiles:
-    """Where one subject's image and femur mask live."""
+    """Where one subject's image, femur mask and optional label map live."""
 
     id: str
     image: Path
     mask: Path
+    labels: Path | None = None
 
 
 @dataclass
 class Subject:
-    """One subject in memory: image and binary femur mask on the same grid."""
+    """One subject in memory: image, binary femur mask and optional label map, all on one grid."""
 
     id: str
     image: Volume
     mask: Volume
+    labels: Volume | None = None
 
 
 _PAIR = re.compile(r"^(?P<id>.+)_image\.nii(\.gz)?$")
@@ -81,7 +89,9 @@ def find_subjects(folder: "str | os.PathLike") -> list[SubjectFiles]:
             lab = next((root / f"{sid}_femur{ext}" for ext in (".nii.gz", ".nii") if (root / f"{sid}_femur{ext}").exists()), None)
             if lab is None:
                 raise InputError(img, f"subject {sid} has no mask ({sid}_femur.nii.gz missing)")
-            out.append(SubjectFiles(sid, img, lab))
+            aux = next((root / f"{sid}_{kind}{ext}" for kind in ("bones", "labels") for ext in (".nii.gz", ".nii")
+                        if (root / f"{sid}_{kind}{ext}").exists()), None)
+            out.append(SubjectFiles(sid, img, lab, aux))
     if not out:
         raise InputError(root, "no subjects found (expected subNN_image.nii.gz + subNN_femur.nii.gz pairs, "
                                "or imagesTr/ + labelsTr/)")
@@ -89,10 +99,11 @@ def find_subjects(folder: "str | os.PathLike") -> list[SubjectFiles]:
 
 
 def load_subject(files: SubjectFiles) -> Subject:
-    """Read and check one subject (3D, finite, binary mask on the image grid)."""
+    """Read and check one subject (3D, finite, binary mask and label map on the image grid)."""
     image = check_image(read_volume(files.image))
     mask = check_mask(read_volume(files.mask), image)
-    return Subject(files.id, image, mask)
+    labels = check_labels(read_volume(files.labels), image) if files.labels is not None else None
+    return Subject(files.id, image, mask, labels)
 
 
 def load_subjects(files: list[SubjectFiles]) -> list[Subject]:

@@ -24,6 +24,7 @@ __all__ = [
     "write_volume",
     "atomic_write_bytes",
     "check_image",
+    "check_labels",
     "check_mask",
     "read_pair",
     "NIFTI_SUFFIXES",
@@ -341,6 +342,29 @@ def check_mask(mask: Volume, image: Volume | None = None, atol_mm: float = 1e-3)
         if not np.allclose(mask.affine, image.affine, atol=atol_mm):
             raise InputError(mask.source, f"mask affine differs from image {image.name} affine (not on the same grid)")
     return Volume(data.astype(np.uint8), mask.affine, mask.source, mask.meta)
+
+
+def check_labels(labels: Volume, image: Volume | None = None, atol_mm: float = 1e-3) -> Volume:
+    """Check a multi-label map (0 background, 1 femur, 2... other structures).
+
+    The values must be finite non-negative integers below 256 and, if an image
+    is given, the map must lie on its grid. Returns a uint8 volume.
+    """
+    data = np.asarray(labels.data)
+    if not np.all(np.isfinite(data)):
+        raise InputError(labels.source, "label map holds NaN or Inf values")
+    vals = np.unique(data)
+    if np.any(vals < 0) or np.any(vals > 255) or not np.all(vals == np.round(vals)):
+        shown = ", ".join(f"{v:g}" for v in vals[:8]) + (" ..." if len(vals) > 8 else "")
+        raise InputError(labels.source, f"label map values {shown} are not integers in 0..255")
+    if image is not None:
+        if labels.shape != image.shape:
+            raise InputError(labels.source, f"label map shape {labels.shape} differs from image {image.name} "
+                                            f"shape {image.shape}")
+        if not np.allclose(labels.affine, image.affine, atol=atol_mm):
+            raise InputError(labels.source, f"label map affine differs from image {image.name} affine "
+                                            "(not on the same grid)")
+    return Volume(data.astype(np.uint8), labels.affine, labels.source, labels.meta)
 
 
 def read_pair(image_path: "str | os.PathLike", mask_path: "str | os.PathLike") -> tuple[Volume, Volume]:

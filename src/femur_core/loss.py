@@ -1,7 +1,8 @@
 """Losses: the study's class-weighted cross-entropy (eq. 1) and Dice + cross-entropy.
 
-Both take two-class logits of shape (B, 2, ...) and a binary target of shape
-(B, ...) and return a scalar.
+Both take logits of shape (B, C, ...) and an integer target of shape (B, ...)
+and return a scalar. C is 2 (background, femur) for the study's loss; Dice + CE
+also takes C > 2 (an extra "other bone" class, see ``TrainConfig.aux_labels``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.
     probability; the rare femur class gets the large weight Nb/N. Weights are
     computed per image of the batch and the losses averaged over the batch.
     """
+    if logits.shape[1] != 2:
+        raise ValueError(f"the study's weighted cross-entropy is for 2 classes, got {logits.shape[1]}; "
+                         "use dice_ce for label maps with more classes")
     logp = F.log_softmax(logits.float(), dim=1)
     y = target.float()
     dims = tuple(range(1, y.ndim))
@@ -34,13 +38,20 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice of the femur class, over each image, averaged over the batch."""
-    p = torch.softmax(logits.float(), dim=1)[:, 1]
-    y = target.float()
-    dims = tuple(range(1, y.ndim))
-    inter = (p * y).sum(dims)
-    denom = p.sum(dims) + y.sum(dims)
-    return (1 - (2 * inter + eps) / (denom + eps)).mean()
+    """1 - soft Dice over each image, averaged over the foreground classes and the batch.
+
+    With two classes this is the soft Dice of the femur class alone.
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    dims = tuple(range(1, target.ndim))
+    per_class = []
+    for c in range(1, probs.shape[1]):
+        p = probs[:, c]
+        y = (target == c).float()
+        inter = (p * y).sum(dims)
+        denom = p.sum(dims) + y.sum(dims)
+        per_class.append(1 - (2 * inter + eps) / (denom + eps))
+    return torch.stack(per_class).mean()
 
 
 def dice_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,9 @@ class Prepared:
     spacing: tuple[float, float, float]  # model-grid spacing (mm)
     reorientation: Reorientation
     canonical_affine: np.ndarray
+    #: uint8 (Z, Y, X) training target with an extra class: 0 background, 1 femur (= ``mask``),
+    #: 2 other bone; only when a label map was given
+    labels: np.ndarray | None = None
 
     def restore_canonical(self, prob: np.ndarray) -> np.ndarray:
         """Probability map from the model grid onto the canonical source grid."""
@@ -103,7 +106,8 @@ def _target_size(shape_yx: tuple[int, int], spacing_yx: tuple[float, float], gri
     return tuple(shape_yx)  # type: ignore[return-value]
 
 
-def prepare(image: Volume, grid: GridSpec, mask: Volume | None = None) -> Prepared:
+def prepare(image: Volume, grid: GridSpec, mask: Volume | None = None,
+            labels: Volume | None = None) -> Prepared:
     """Bring a scan (and optionally its mask) to the model grid.
 
     Parameters
@@ -114,6 +118,10 @@ def prepare(image: Volume, grid: GridSpec, mask: Volume | None = None) -> Prepar
         Target grid.
     mask : Volume, optional
         Reference mask on the image's grid.
+    labels : Volume, optional
+        Label map on the image's grid (0 background, 1 femur, 2 and up other
+        bones); needs ``mask``. It becomes ``Prepared.labels``: the femur from
+        ``mask``, every other bone label merged into class 2.
 
     Returns
     -------
@@ -133,8 +141,15 @@ def prepare(image: Volume, grid: GridSpec, mask: Volume | None = None) -> Prepar
     msk = None
     if cmask is not None:
         msk = (resample_inplane(cmask[z0:z1].astype(np.float32), size, "bilinear") >= 0.5).astype(np.uint8)
+    lab = None
+    if labels is not None:
+        if msk is None:
+            raise ValueError("a label map needs the femur mask too")
+        other = to_canonical(labels)[0].data[z0:z1] >= 2
+        other = resample_inplane(other.astype(np.float32), size, "bilinear") >= 0.5
+        lab = np.where(msk > 0, 1, np.where(other, 2, 0)).astype(np.uint8)
     spacing = (sp[0], sp[1] * canon.shape[1] / size[0], sp[2] * canon.shape[2] / size[1])
-    return Prepared(img, msk, canon.shape, (z0, z1), spacing, reo, canon.affine)
+    return Prepared(img, msk, canon.shape, (z0, z1), spacing, reo, canon.affine, lab)
 
 
 def restore(prob: np.ndarray, prep: Prepared) -> Volume:

@@ -24,7 +24,7 @@ class ProgressEvent:
     ----------
     stage : str
         What is running: ``"train"``, ``"validate"``, ``"epoch_end"``, ``"predict"``,
-        ``"fold_end"``, ``"done"``.
+        ``"fold_end"``, ``"done"``, ``"info"`` (a note for the status line).
     step, total : int
         Position within the stage (``total`` 0 when unknown).
     epoch, epochs : int

@@ -82,6 +82,14 @@ class TrainConfig:
         Reproducibility and hardware (``auto`` picks cuda / mps / cpu and bf16 where fast).
     flip_tta, cleanup
         Inference defaults stored with the model.
+    aux_labels : bool
+        Train with a third class, "other bone" (ilium, sacrum, spine...), from
+        the subjects' label maps (``subNN_bones.nii.gz``), so that the network
+        learns the pelvis pressed against the femoral head as a class of its
+        own. Needs ``loss="dice_ce"``. Used only when every training and
+        early-stopping subject has a label map; otherwise training runs with
+        the femur mask alone, and the saved configuration says so
+        (``aux_labels`` false, ``model.n_classes`` 2).
     """
 
     model: ModelConfig = field(default_factory=lambda: default_config("3d"))
@@ -105,6 +113,7 @@ class TrainConfig:
     precision: str = "auto"
     flip_tta: bool = True
     cleanup: bool = True
+    aux_labels: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -142,7 +151,7 @@ RECIPES: dict[str, TrainConfig] = {
         grid=GridSpec(in_plane_spacing=1.8),
         loss="dice_ce", lr=2e-3, lr_schedule="poly", batch_size=4, max_epochs=400, min_epochs=20,
         patience=20, max_minutes=20.0, augment=["flip", "intensity", "affine"], bg_slice_ratio=0.5,
-        weight_decay=1e-5,
+        weight_decay=1e-5, aux_labels=True,
     ),
     "synthetic-quick": TrainConfig(
         model=default_config("2d-same", features=16, levels=4),
@@ -172,19 +181,24 @@ class TrainResult:
     epochs: int
     minutes: float
     threshold: float
+    config: TrainConfig | None = None  # the configuration the run used (aux_labels resolved)
 
 
 # ----------------------------------------------------------------------------- data
-def prepare_subjects(subjects: list[Subject], grid: GridSpec, cache: dict | None = None) -> list[Prepared]:
-    """Bring subjects to the model grid (memoised in ``cache`` by id and grid)."""
+def prepare_subjects(subjects: list[Subject], grid: GridSpec, cache: dict | None = None,
+                     with_labels: bool = False) -> list[Prepared]:
+    """Bring subjects to the model grid (memoised in ``cache`` by id and grid).
+
+    ``with_labels`` also brings each subject's label map (``Prepared.labels``).
+    """
     out = []
     key_grid = json.dumps(grid.to_dict(), sort_keys=True)
     for s in subjects:
-        key = (s.id, key_grid)
+        key = (s.id, key_grid, with_labels)
         if cache is not None and key in cache:
             out.append(cache[key])
             continue
-        p = prepare(s.image, grid, s.mask)
+        p = prepare(s.image, grid, s.mask, s.labels if with_labels else None)
         if cache is not None:
             cache[key] = p
         out.append(p)
@@ -209,6 +223,15 @@ def _epoch_samples(preps: list[Prepared], cfg: TrainConfig, rng: np.random.Gener
     return order
 
 
+def _target(p: Prepared, cfg: TrainConfig) -> np.ndarray:
+    """The training target: the label map with the extra class, or the femur mask."""
+    if cfg.aux_labels:
+        if p.labels is None:
+            raise InputError(None, "aux_labels is set but a subject has no label map")
+        return p.labels
+    return p.mask
+
+
 def _crop_or_pad(a: np.ndarray, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
     sl = tuple(slice(s, s + n) for s, n in zip(start, size))
     return a[(Ellipsis,) + sl]
@@ -218,7 +241,7 @@ def _make_2d_sample(p: Prepared, z: int, cfg: TrainConfig, net, rng) -> tuple[np
     k = cfg.model.in_slices // 2
     idx = np.clip(np.arange(z - k, z + k + 1), 0, p.image.shape[0] - 1)
     x = p.image[idx]
-    y = p.mask[z]
+    y = _target(p, cfg)[z]
     H, W = y.shape
     if getattr(net, "padding", 1) == 0:  # valid U-Net: random tile of the mirrored slice
         plan = tile_plan(H, W, cfg.model.levels)
@@ -236,11 +259,11 @@ def _make_2d_sample(p: Prepared, z: int, cfg: TrainConfig, net, rng) -> tuple[np
 
 
 def _make_3d_sample(p: Prepared, cfg: TrainConfig, net, rng) -> tuple[np.ndarray, np.ndarray]:
-    x, y = p.image, p.mask
+    x, y = p.image, _target(p, cfg)
     if cfg.patch_size:
         size = [min(a, b) for a, b in zip(cfg.patch_size, x.shape)]
-        if rng.random() < 0.5 and y.any():
-            zz, yy, xx = np.nonzero(y)
+        if rng.random() < 0.5 and (y == 1).any():
+            zz, yy, xx = np.nonzero(y == 1)
             j = int(rng.integers(len(zz)))
             centre = (zz[j], yy[j], xx[j])
             start = [int(np.clip(c - s // 2, 0, d - s)) for c, s, d in zip(centre, size, x.shape)]
@@ -255,8 +278,13 @@ def _make_3d_sample(p: Prepared, cfg: TrainConfig, net, rng) -> tuple[np.ndarray
 
 
 # ----------------------------------------------------------------------------- augmentation
-def _augment(x: torch.Tensor, y: torch.Tensor, names: list[str], rng: np.random.Generator):
-    """x: (B, C, [Z,] Y, X) float, y: (B, [Z,] Y, X). In-plane operations only."""
+def _augment(x: torch.Tensor, y: torch.Tensor, names: list[str], rng: np.random.Generator,
+             multiclass: bool = False):
+    """x: (B, C, [Z,] Y, X) float, y: (B, [Z,] Y, X). In-plane operations only.
+
+    A binary ``y`` is warped bilinearly and cut at 0.5; a ``multiclass`` one by
+    nearest neighbour.
+    """
     if "flip" in names:
         flip = torch.from_numpy(rng.random(x.shape[0]) < 0.5)
         if flip.any():
@@ -281,9 +309,10 @@ def _augment(x: torch.Tensor, y: torch.Tensor, names: list[str], rng: np.random.
         grid = F.affine_grid(theta, (B, 1, H, W), align_corners=False)
         grid_y = F.affine_grid(theta, (B, 1, Hy, Wy), align_corners=False)
         xs = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        ys = F.grid_sample(ys, grid_y, mode="bilinear", padding_mode="zeros", align_corners=False)
+        ys = F.grid_sample(ys, grid_y, mode="nearest" if multiclass else "bilinear", padding_mode="zeros",
+                           align_corners=False)
         x = xs.reshape(*lead, H, W)
-        y = (ys >= 0.5).reshape(y.shape).to(y.dtype)
+        y = (ys.round() if multiclass else ys >= 0.5).reshape(y.shape).to(y.dtype)
     if "intensity" in names:
         B = x.shape[0]
         shape = (B,) + (1,) * (x.ndim - 1)
@@ -377,6 +406,20 @@ def _write_history(out_dir: Path, history: list[dict]) -> None:
     atomic_write_bytes(out_dir / "history.csv", buf.getvalue().encode(), overwrite=True)
 
 
+def _effective_config(config: TrainConfig, subjects: list[Subject]) -> TrainConfig:
+    """The configuration a run really uses: ``aux_labels`` only where every subject has a label map.
+
+    It also sets ``model.n_classes`` to match (3 with the extra class, else 2).
+    """
+    aux = bool(config.aux_labels) and all(s.labels is not None for s in subjects)
+    if aux and config.loss != "dice_ce":
+        raise ValueError(f"aux_labels needs loss 'dice_ce' (the {config.loss!r} loss is for two classes)")
+    n_classes = 3 if aux else 2
+    if aux == config.aux_labels and config.model.n_classes == n_classes:
+        return config
+    return config.replace(aux_labels=aux, model=dataclasses.replace(config.model, n_classes=n_classes))
+
+
 def train_model(
     train: list[Subject],
     val: list[Subject],
@@ -418,6 +461,13 @@ def train_model(
         raise InputError(None, "no validation subjects for early stopping")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    requested_aux = config.aux_labels
+    config = _effective_config(config, train + val)
+    if requested_aux and not config.aux_labels:
+        missing = [s.id for s in train + val if s.labels is None]
+        emit(progress, ProgressEvent("info", fold=fold, message=(
+            f"training with the femur mask alone: {len(missing)} subject(s) have no label map "
+            f"(subNN_bones.nii.gz), e.g. {', '.join(missing[:3])}")))
     device = resolve_device(config.device)
     # torchrun (distributed.py): `world` processes, each with batch_size samples of a global batch
     world, is_main = _dist.world_size(), _dist.is_main()
@@ -456,7 +506,7 @@ def train_model(
                                      message=f"resumed at epoch {epoch + 1}, step {step0}"))
 
     ddp_net = _dist.wrap_ddp(net, device)  # `net` itself when one process trains
-    train_p = prepare_subjects(train, config.grid, cache)
+    train_p = prepare_subjects(train, config.grid, cache, with_labels=config.aux_labels)
     val_p = prepare_subjects(val, config.grid, cache)
     t_start = time.monotonic()
     stop_reason = "max_epochs"
@@ -508,7 +558,7 @@ def train_model(
                     ys.append(y)
                 xb = torch.from_numpy(np.stack(xs).astype(np.float32))
                 yb = torch.from_numpy(np.stack(ys).astype(np.int64))
-                xb, yb = _augment(xb, yb, config.augment, rng)
+                xb, yb = _augment(xb, yb, config.augment, rng, multiclass=config.aux_labels)
                 share_w = 1.0
                 if world > 1:  # this rank's share of the global batch, built and augmented as one process would
                     share, share_w = _dist.local_share(len(xb))
@@ -592,4 +642,4 @@ def train_model(
     del net, opt, ddp_net
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return TrainResult(best_path, last_path, history, stop_reason, epoch, minutes, thr)
+    return TrainResult(best_path, last_path, history, stop_reason, epoch, minutes, thr, config)

@@ -33,6 +33,10 @@ class ModelConfig:
         Normalisation layer after each convolution (None as in the study).
     pool_kernels : list of list of int, optional
         3D only: pool size per level; None means 2 x 2 x 2 (or the anisotropic rule).
+    n_classes : int
+        Output classes: 2 (background, femur), or 3 when trained with an extra
+        "other bone" class (``TrainConfig.aux_labels``). Channel 1 is the femur
+        in every case, so inference reads the femur probability the same way.
     """
 
     name: str = "3d"
@@ -41,6 +45,7 @@ class ModelConfig:
     in_slices: int = 3
     norm: str | None = None
     pool_kernels: list[list[int]] | None = None
+    n_classes: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,25 +85,25 @@ def _aniso_kernels(levels: int, n_inplane_only: int) -> list[list[int]]:
 MODELS: dict[str, ModelSpec] = {
     "2d": ModelSpec(
         "2d",
-        lambda c: UNet2D(c.features, c.levels, c.in_slices, "valid", c.norm),
+        lambda c: UNet2D(c.features, c.levels, c.in_slices, "valid", c.norm, c.n_classes),
         "2D U-Net of the study: valid convolutions, 3 slices in, mirrored 3x3 tiles",
         {"features": 64, "levels": 3},
     ),
     "2d-same": ModelSpec(
         "2d",
-        lambda c: UNet2D(c.features, c.levels, c.in_slices, "same", c.norm),
+        lambda c: UNet2D(c.features, c.levels, c.in_slices, "same", c.norm, c.n_classes),
         "2D U-Net with padded convolutions and batch norm (fast CPU default)",
         {"features": 32, "levels": 5, "norm": "batch", "in_slices": 3},
     ),
     "3d": ModelSpec(
         "3d",
-        lambda c: UNet3D(c.features, c.levels, c.pool_kernels, c.norm),
+        lambda c: UNet3D(c.features, c.levels, c.pool_kernels, c.norm, c.n_classes),
         "3D U-Net of the study: padded 3x3x3 convolutions, whole volume or sliding windows",
         {"features": 32, "levels": 4},
     ),
     "3d-aniso": ModelSpec(
         "3d",
-        lambda c: UNet3D(c.features, c.levels, c.pool_kernels or _aniso_kernels(c.levels, 2), c.norm),
+        lambda c: UNet3D(c.features, c.levels, c.pool_kernels or _aniso_kernels(c.levels, 2), c.norm, c.n_classes),
         "3D U-Net that pools in-plane only at the first two levels (thick slices)",
         {"features": 16, "levels": 4, "norm": "instance"},
     ),
