@@ -32,3 +32,13 @@ def test_unknown_schedule_is_refused():
 
 def test_default_real_data_recipe_anneals():
     assert recipe("cpu-2d").lr_schedule == "poly"
+
+
+def test_poly_over_a_budget_runs_to_the_end():
+    from femur_core.training import _early_stop
+
+    falling = [0.9] + [0.5] * 60  # a lucky first epoch, then no improvement for 60 epochs
+    cfg = TrainConfig(lr_schedule="poly", max_minutes=8, min_epochs=5, patience=10)
+    assert not _early_stop(falling, cfg)
+    assert _early_stop(falling, cfg.replace(lr_schedule="constant"))
+    assert _early_stop(falling, cfg.replace(max_minutes=None))
