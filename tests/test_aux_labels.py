@@ -145,3 +145,18 @@ def test_training_with_label_maps_saves_a_three_class_model(aux_folder, tmp_path
     prob = np.asarray(pred.prob.data)
     assert prob.shape == subjects[3].image.shape
     assert np.all((prob >= 0) & (prob <= 1))  # channel 1 of a 3-class softmax: a femur probability
+
+
+def test_a_mixed_folder_trains_on_the_femur_alone_and_says_so(aux_folder, tmp_path):
+    with_maps = [load_subject(f) for f in find_subjects(aux_folder)]
+    write_tiny_subject(tmp_path / "plain", "sub09", 9)
+    plain = load_subject(find_subjects(tmp_path / "plain")[0])
+    cfg = TrainConfig(model=default_config("2d-same", features=4, levels=2), grid=GridSpec(), loss="dice_ce",
+                      batch_size=2, max_epochs=1, min_epochs=1, patience=1, aux_labels=True, device="cpu",
+                      precision="fp32")
+    events = []
+    res = train_model(with_maps[:2] + [plain], with_maps[2:3], cfg, tmp_path / "run", progress=events.append)
+    notes = [e.message for e in events if e.stage == "info"]
+    assert len(notes) == 1 and "sub09" in notes[0]
+    assert res.config.aux_labels is False and res.config.model.n_classes == 2
+    assert TrainConfig.from_dict(load_checkpoint(res.checkpoint)["config"]).model.n_classes == 2

@@ -157,7 +157,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     os.replace(fold_dir / "curves.tmp.npz", fold_dir / "curves.npz")
     result = {"fold": k, "threshold": thr, "protocol": setup.protocol, "train_subjects": tr_ids,
               "early_stopping_subjects": es_ids, "test_subjects": test_ids, "epochs": res.epochs,
-              "aux_labels": bool(res.config.aux_labels) if res.config is not None else False,
+              "aux_labels": res.config.aux_labels,
               "stop_reason": res.stop_reason, "train_minutes": res.minutes,
               "roc_auc": curves.roc_auc(), "average_precision": curves.average_precision(),
               "subjects": subjects}

@@ -9,8 +9,10 @@ array already on the model grid (training validation uses it too).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,13 +63,47 @@ def _cpu_has_fast_bf16() -> bool:
     return "AVX512" in str(caps).upper() or "AMX" in str(caps).upper()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_conv3d_training_is_faster() -> bool:
+    """Time one 3D convolution step (forward + backward, 32 channels) in bf16 and in fp32 on the CPU.
+
+    oneDNN's bf16 conv3d backward is many times slower than fp32 on some CPUs
+    (an Intel VM with AMX: a 3D training step > 45 s against 4.9 s) and about
+    3.4 times faster on others (an AMD EPYC with AVX-512 BF16: 0.51 s against
+    1.75 s; bench/speed.py, "training step 3d"). Measured once per process,
+    in well under a second where bf16 is fast; bf16 wins only when it is
+    clearly (20 %) faster.
+    """
+    if not _cpu_has_fast_bf16():
+        return False
+    x = torch.randn(1, 32, 8, 32, 32)
+
+    def step(dtype: torch.dtype | None) -> float:
+        fmt = memory_format("3d", torch.device("cpu"), dtype)
+        net = torch.nn.Conv3d(32, 32, 3, padding=1)
+        if fmt is not None:
+            net = net.to(memory_format=fmt)
+        xi = to_format(x, fmt).requires_grad_(True)
+        best = float("inf")
+        for _ in range(3):  # the first call includes oneDNN's kernel set-up
+            t0 = time.perf_counter()
+            with autocast(torch.device("cpu"), dtype):
+                y = net(xi)
+            y.float().sum().backward()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    return step(torch.bfloat16) < 0.8 * step(None)
+
+
 def resolve_amp(precision: str, device: torch.device, train_kind: str | None = None) -> torch.dtype | None:
     """Autocast dtype for ``precision`` in {"auto", "fp32", "bf16"} (None = fp32).
 
     ``auto`` uses bf16 where the hardware runs it fast (CUDA with bf16 support,
     CPUs with AVX-512/AMX) and fp32 elsewhere. ``train_kind="3d"`` (training a
-    3D network) keeps fp32 on the CPU: oneDNN's bf16 conv3d backward runs many
-    times slower than fp32 there (bench/speed.py, "training step 3d").
+    3D network) on the CPU uses bf16 only where a short measurement finds its
+    conv3d backward faster than fp32
+    (:func:`cpu_bf16_conv3d_training_is_faster`).
     """
     if precision == "fp32":
         return None
@@ -79,7 +115,7 @@ def resolve_amp(precision: str, device: torch.device, train_kind: str | None = N
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
         if train_kind == "3d":
-            return None
+            return torch.bfloat16 if cpu_bf16_conv3d_training_is_faster() else None
         return torch.bfloat16 if _cpu_has_fast_bf16() else None
     return None
 

@@ -329,19 +329,33 @@ def check_mask(mask: Volume, image: Volume | None = None, atol_mm: float = 1e-3)
 
     Returns the mask as a uint8 volume.
     """
-    data = np.asarray(mask.data)
-    if not np.all(np.isfinite(data)):
-        raise InputError(mask.source, "mask holds NaN or Inf values")
-    vals = np.unique(data)
+    vals = _finite_values(mask, "mask")
     if not np.all(np.isin(vals, [0, 1])):
-        shown = ", ".join(f"{v:g}" for v in vals[:8]) + (" ..." if len(vals) > 8 else "")
-        raise InputError(mask.source, f"mask is not binary: values {shown} (expected only 0 and 1)")
-    if image is not None:
-        if mask.shape != image.shape:
-            raise InputError(mask.source, f"mask shape {mask.shape} differs from image {image.name} shape {image.shape}")
-        if not np.allclose(mask.affine, image.affine, atol=atol_mm):
-            raise InputError(mask.source, f"mask affine differs from image {image.name} affine (not on the same grid)")
-    return Volume(data.astype(np.uint8), mask.affine, mask.source, mask.meta)
+        raise InputError(mask.source, f"mask is not binary: values {_shown(vals)} (expected only 0 and 1)")
+    _check_on_grid(mask, image, "mask", atol_mm)
+    return Volume(np.asarray(mask.data).astype(np.uint8), mask.affine, mask.source, mask.meta)
+
+
+def _finite_values(vol: Volume, what: str) -> np.ndarray:
+    """The distinct values of a mask or label map; refuses NaN / Inf."""
+    data = np.asarray(vol.data)
+    if not np.all(np.isfinite(data)):
+        raise InputError(vol.source, f"{what} holds NaN or Inf values")
+    return np.unique(data)
+
+
+def _shown(vals: np.ndarray) -> str:
+    return ", ".join(f"{v:g}" for v in vals[:8]) + (" ..." if len(vals) > 8 else "")
+
+
+def _check_on_grid(vol: Volume, image: Volume | None, what: str, atol_mm: float) -> None:
+    """Refuse a mask or label map that is not on the image's grid (shape and affine)."""
+    if image is None:
+        return
+    if vol.shape != image.shape:
+        raise InputError(vol.source, f"{what} shape {vol.shape} differs from image {image.name} shape {image.shape}")
+    if not np.allclose(vol.affine, image.affine, atol=atol_mm):
+        raise InputError(vol.source, f"{what} affine differs from image {image.name} affine (not on the same grid)")
 
 
 def check_labels(labels: Volume, image: Volume | None = None, atol_mm: float = 1e-3) -> Volume:
@@ -350,21 +364,11 @@ def check_labels(labels: Volume, image: Volume | None = None, atol_mm: float = 1
     The values must be finite non-negative integers below 256 and, if an image
     is given, the map must lie on its grid. Returns a uint8 volume.
     """
-    data = np.asarray(labels.data)
-    if not np.all(np.isfinite(data)):
-        raise InputError(labels.source, "label map holds NaN or Inf values")
-    vals = np.unique(data)
+    vals = _finite_values(labels, "label map")
     if np.any(vals < 0) or np.any(vals > 255) or not np.all(vals == np.round(vals)):
-        shown = ", ".join(f"{v:g}" for v in vals[:8]) + (" ..." if len(vals) > 8 else "")
-        raise InputError(labels.source, f"label map values {shown} are not integers in 0..255")
-    if image is not None:
-        if labels.shape != image.shape:
-            raise InputError(labels.source, f"label map shape {labels.shape} differs from image {image.name} "
-                                            f"shape {image.shape}")
-        if not np.allclose(labels.affine, image.affine, atol=atol_mm):
-            raise InputError(labels.source, f"label map affine differs from image {image.name} affine "
-                                            "(not on the same grid)")
-    return Volume(data.astype(np.uint8), labels.affine, labels.source, labels.meta)
+        raise InputError(labels.source, f"label map values {_shown(vals)} are not integers in 0..255")
+    _check_on_grid(labels, image, "label map", atol_mm)
+    return Volume(np.asarray(labels.data).astype(np.uint8), labels.affine, labels.source, labels.meta)
 
 
 def read_pair(image_path: "str | os.PathLike", mask_path: "str | os.PathLike") -> tuple[Volume, Volume]:

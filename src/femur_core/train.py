@@ -68,7 +68,7 @@ def _main(args) -> int:
     atomic_write_bytes(out / "model.pt", res.checkpoint.read_bytes(), overwrite=True)
     atomic_write_bytes(out / "config.json", dump_json({
         "data": str(Path(args.data).resolve()), "train_subjects": tr, "early_stopping_subjects": es,
-        "train": (res.config or cfg).to_dict(), "threshold": res.threshold, "epochs": res.epochs, "stop_reason": res.stop_reason,
+        "train": res.config.to_dict(), "threshold": res.threshold, "epochs": res.epochs, "stop_reason": res.stop_reason,
         "train_minutes": res.minutes, "environment": environment_info(),
         **({"world_size": world, "global_batch_size": cfg.batch_size * world} if world > 1 else {})}),
         overwrite=True)

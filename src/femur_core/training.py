@@ -93,7 +93,8 @@ class TrainConfig:
         learns the pelvis pressed against the femoral head as a class of its
         own. Needs ``loss="dice_ce"``. Used only when every training and
         early-stopping subject has a label map; otherwise training runs with
-        the femur mask alone, and the saved configuration says so
+        the femur mask alone (with a progress note where only some subjects
+        have one), and the saved configuration says so
         (``aux_labels`` false, ``model.n_classes`` 2).
     """
 
@@ -186,24 +187,23 @@ class TrainResult:
     epochs: int
     minutes: float
     threshold: float
-    config: TrainConfig | None = None  # the configuration the run used (aux_labels resolved)
+    config: TrainConfig  # the configuration the run used (aux_labels resolved)
 
 
 # ----------------------------------------------------------------------------- data
-def prepare_subjects(subjects: list[Subject], grid: GridSpec, cache: dict | None = None,
-                     with_labels: bool = False) -> list[Prepared]:
-    """Bring subjects to the model grid (memoised in ``cache`` by id and grid).
+def prepare_subjects(subjects: list[Subject], grid: GridSpec, cache: dict | None = None) -> list[Prepared]:
+    """Bring subjects (with their label maps, where they have one) to the model grid.
 
-    ``with_labels`` also brings each subject's label map (``Prepared.labels``).
+    Memoised in ``cache`` by id and grid.
     """
     out = []
     key_grid = json.dumps(grid.to_dict(), sort_keys=True)
     for s in subjects:
-        key = (s.id, key_grid, with_labels)
+        key = (s.id, key_grid)
         if cache is not None and key in cache:
             out.append(cache[key])
             continue
-        p = prepare(s.image, grid, s.mask, s.labels if with_labels else None)
+        p = prepare(s.image, grid, s.mask, s.labels)
         if cache is not None:
             cache[key] = p
         out.append(p)
@@ -471,8 +471,8 @@ def train_model(
     out.mkdir(parents=True, exist_ok=True)
     requested_aux = config.aux_labels
     config = _effective_config(config, train + val)
-    if requested_aux and not config.aux_labels:
-        missing = [s.id for s in train + val if s.labels is None]
+    missing = [s.id for s in train + val if s.labels is None]
+    if requested_aux and not config.aux_labels and len(missing) < len(train + val):  # some have one, some not
         emit(progress, ProgressEvent("info", fold=fold, message=(
             f"training with the femur mask alone: {len(missing)} subject(s) have no label map "
             f"(subNN_bones.nii.gz), e.g. {', '.join(missing[:3])}")))
@@ -514,7 +514,7 @@ def train_model(
                                      message=f"resumed at epoch {epoch + 1}, step {step0}"))
 
     ddp_net = _dist.wrap_ddp(net, device)  # `net` itself when one process trains
-    train_p = prepare_subjects(train, config.grid, cache, with_labels=config.aux_labels)
+    train_p = prepare_subjects(train, config.grid, cache)
     val_p = prepare_subjects(val, config.grid, cache)
     t_start = time.monotonic()
     stop_reason = "max_epochs"
