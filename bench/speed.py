@@ -384,6 +384,12 @@ def bench_predict(args, res: dict) -> None:
           f"mask DSC {c['final_mask_dsc']:.5f}")
 
 
+def _other_path(step: dict) -> str:
+    """'<picked>; <the other path> <its time>' for a training-step summary line."""
+    other = "bf16" if step["ours"]["path"] == "fp32" else "fp32"
+    return f"{step['ours']['path']}; {other} {_fmt_step(step[other]).strip()}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes: checks the script, not the machine")
@@ -430,10 +436,8 @@ def main(argv=None) -> int:
         ("  2D / 3D time", f"{r['2d_over_3d_time']:.2f}", "goal <= 2"),
         ("  speed-up vs fp32 eager 9 tiles", f"x{r['2d_speedup_vs_fp32_eager']:.2f}", ""),
         ("  bf16 vs fp32 mask DSC", f"{res['2d_ours_vs_fp32']['mask_dsc']:.5f}", "goal >= 0.999"),
-        ("train step 2D (cpu-2d) ours", _fmt_step(res["train_2d"]["ours"]),
-         f"{res['train_2d']['ours']['path']}; fp32 {_fmt_step(res['train_2d']['fp32']).strip()}"),
-        ("train step 3D (study-3d) ours", _fmt_step(res["train_3d"]["ours"]),
-         f"{res['train_3d']['ours']['path']}; bf16 {_fmt_step(res['train_3d']['bf16']).strip()}"),
+        *[(f"train step {k.upper()} ({name}) ours", _fmt_step(res[f"train_{k}"]["ours"]), _other_path(res[f"train_{k}"]))
+          for k, name in (("2d", "cpu-2d"), ("3d", "study-3d"))],
         ("GUI threshold update 60x512x512", fmt(res["gui_threshold_update"]), "goal <= 0.050 s"),
         ("GUI PR curve 60x512x512", fmt(res["gui_pr_curve"]), "goal <= 0.200 s"),
     ]
