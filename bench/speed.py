@@ -2,7 +2,7 @@
 
 Run from the repository root (after ``bash scripts/setup.sh``):
 
-    bash bench/run_speed.sh            # full benchmark, ~10-15 min on 2 CPU cores
+    bash bench/run_speed.sh            # full benchmark, 5-15 min on 2 CPU cores
     bash bench/run_speed.sh --quick    # small sizes, a smoke check of the script
 
 Every figure is the median of ``--reps`` runs with min-max, every ratio is
