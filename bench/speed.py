@@ -357,7 +357,7 @@ def bench_predict(args, res: dict) -> None:
         res["predict_real"] = None
         return
     from femur_core.inference import load_model, predict_volume
-    from femur_core.io import PROB_SLOPE, read_volume, write_volume
+    from femur_core.volume_io import PROB_SLOPE, read_volume, write_volume
 
     model = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:

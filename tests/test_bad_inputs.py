@@ -24,7 +24,7 @@ import torch
 from femur_core.checkpoint import load_checkpoint, save_checkpoint
 from femur_core.cli import run_main
 from femur_core.errors import InputError
-from femur_core.io import atomic_write_bytes, read_volume, write_volume
+from femur_core.volume_io import atomic_write_bytes, read_volume, write_volume
 from femur_core.models import build_model, default_config
 from femur_core.volume import Volume
 

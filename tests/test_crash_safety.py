@@ -208,7 +208,7 @@ def _check_complete(run: Path) -> int:
             with np.load(p) as z:
                 [z[k] for k in z.files]
         elif p.name.endswith(".nii.gz"):
-            from femur_core.io import read_volume
+            from femur_core.volume_io import read_volume
 
             read_volume(p)
         else:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from femur_core import metrics as M
-from femur_core.io import read_volume, write_volume
+from femur_core.volume_io import read_volume, write_volume
 from femur_core.preprocess import GridSpec, prepare, restore
 from femur_core.volume import CANONICAL_AXCODES, Volume, from_canonical, to_canonical
 

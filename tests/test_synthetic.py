@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from femur_core.errors import OutputExistsError
-from femur_core.io import read_pair
+from femur_core.volume_io import read_pair
 from femur_core.synthetic import (
     GEOMETRIES,
     make_cohort,

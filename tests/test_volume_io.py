@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from femur_core.errors import InputError, OutputExistsError
-from femur_core.io import check_image, check_mask, read_pair, read_volume, write_volume
+from femur_core.volume_io import check_image, check_mask, read_pair, read_volume, write_volume
 from femur_core.preprocess import GridSpec, prepare, restore
 from femur_core.volume import (CANONICAL_AXCODES, Volume, affine_from_napari, from_canonical, napari_affine,
                                to_canonical)
@@ -154,7 +154,7 @@ def test_prepare_restore_keeps_masks_aligned():
 def test_probability_map_written_in_1_255_steps_reads_back(tmp_path):
     import nibabel as nib
 
-    from femur_core.io import PROB_SLOPE, read_volume, write_volume
+    from femur_core.volume_io import PROB_SLOPE, read_volume, write_volume
     from femur_core.volume import Volume
 
     rng = np.random.default_rng(0)
@@ -170,3 +170,48 @@ def test_probability_map_written_in_1_255_steps_reads_back(tmp_path):
     np.testing.assert_allclose(back.affine, aff)
     with pytest.raises(ValueError, match="integer dtype"):
         write_volume(Volume(prob, aff), tmp_path / "y.nii.gz", dtype=np.float32, slope=PROB_SLOPE)
+
+
+def test_io_module_does_not_shadow_the_standard_library():
+    """``femur_core.io`` is gone (it shadowed ``io``); the package API still exports the readers."""
+    import importlib.util
+
+    import femur_core
+
+    assert importlib.util.find_spec("femur_core.io") is None
+    assert femur_core.read_volume is read_volume and femur_core.write_volume is write_volume
+
+
+def test_written_files_follow_the_process_umask_and_import_leaves_it_alone(tmp_path):
+    """Files get 0666 minus the umask (not mkstemp's 0600), read without toggling the umask on import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "os.umask(0o027)\n"
+        "import femur_core.volume_io as v\n"
+        "assert os.umask(0o027) == 0o027, 'import changed the umask'\n"
+        "p = v.atomic_write_bytes(sys.argv[1], b'x')\n"
+        "print(oct(os.stat(p).st_mode & 0o777))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f.bin")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0o640"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temporary file left
+
+
+def test_subject_file_names_have_one_definition(tmp_path):
+    from femur_core.data import SUBJECT_FILE, find_subjects, next_subject_id, subject_file
+
+    assert next_subject_id(tmp_path / "missing") == "sub01"
+    assert subject_file(tmp_path, "sub07", "femur").name == "sub07_femur.nii.gz"
+    assert SUBJECT_FILE.match("sub07_bones.nii")["kind"] == "bones"
+    vol = Volume(np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.eye(4))
+    write_volume(vol, subject_file(tmp_path, "sub02", "image"))
+    write_volume(vol.with_data(np.ones((2, 3, 4), np.uint8)), subject_file(tmp_path, "sub02", "femur"))
+    (tmp_path / "SUB09_Bones.nii.gz").write_bytes(b"")  # any case takes its number
+    assert next_subject_id(tmp_path) == "sub10"
+    [s] = find_subjects(tmp_path)
+    assert (s.id, s.image.name, s.mask.name, s.labels) == ("sub02", "sub02_image.nii.gz", "sub02_femur.nii.gz", None)

@@ -106,7 +106,7 @@ def score_masks(preds: dict[str, Path], files: dict) -> list[dict]:
     """femur_core.metrics.evaluate of each predicted mask file against the reference mask, on the
     subject's original grid with the image spacing (HD95: femur_core's default, the MONAI max)."""
     from femur_core.data import load_subject
-    from femur_core.io import read_volume
+    from femur_core.volume_io import read_volume
     from femur_core.metrics import evaluate
 
     rows = []

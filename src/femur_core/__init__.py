@@ -5,7 +5,7 @@ predict, clean up, map back, score and write. Never imports napari or Qt.
 """
 
 from .errors import Cancelled, FemurError, InputError, ModelFileError, OutputExistsError
-from .io import check_image, check_mask, read_pair, read_volume, write_volume
+from .volume_io import check_image, check_mask, read_pair, read_volume, write_volume
 from .volume import Reorientation, Volume, from_canonical, to_canonical
 
 __version__ = "0.1.0"

@@ -10,7 +10,7 @@ Writes are atomic (temporary file + rename).
 
 from __future__ import annotations
 
-import io as _io
+import io
 import json
 import os
 import pickle
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import ModelFileError
-from .io import atomic_write_bytes
+from .volume_io import atomic_write_bytes
 
 __all__ = ["save_checkpoint", "load_checkpoint", "resolve_model_path", "FORMAT"]
 
@@ -36,7 +36,7 @@ def save_checkpoint(path: "str | os.PathLike", model: nn.Module, config: dict, *
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     torch.save(payload, buf)
     return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
 

@@ -31,14 +31,15 @@ import numpy as np
 from . import distributed as _dist
 from .cli import (TqdmProgress, add_common_training_args, cancel_on_sigint, config_from_args, dump_json,
                   environment_info, run_main)
-from .data import Subject, find_subjects, inner_split, load_subjects, make_folds
+from .data import SUBJECT_FILE, Subject, find_subjects, inner_split, load_subjects, make_folds
 from .errors import InputError, OutputExistsError
-from .inference import load_model, predict_volume
-from .io import atomic_write_bytes, write_volume
+from .inference import load_model, postprocess, predict_volume
 from .metrics import curves_from_counts, evaluate, histogram_counts, optimal_threshold, volume_ml
 from .progress import CancelToken, ProgressCallback, ProgressEvent, emit
 from .report import format_table, write_report
 from .training import TrainConfig, train_model
+from .volume import from_canonical, to_canonical
+from .volume_io import atomic_write_bytes, write_volume
 
 __all__ = ["CVSetup", "setup_run", "run_fold", "main"]
 
@@ -142,9 +143,6 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
         s, p = setup.subjects[sid], preds[sid]
         mask = p.mask.data
         if thr != p.threshold:
-            from .inference import postprocess
-            from .volume import to_canonical, from_canonical
-
             canon_prob, reo = to_canonical(p.prob)
             mask_c = postprocess(canon_prob.data, thr, cfg.cleanup, to_canonical(s.image)[0].data)
             mask = from_canonical(mask_c, reo).data
@@ -169,6 +167,11 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     return result
 
 
+def _has_images(folder: Path) -> bool:
+    """Whether a folder holds at least one subject image (``<id>_image.nii.gz``)."""
+    return any((m := SUBJECT_FILE.match(p.name)) and m["kind"] == "image" for p in folder.iterdir())
+
+
 def _load_data(args) -> tuple[list[Subject], str]:
     if args.data:
         files = find_subjects(args.data)
@@ -176,7 +179,7 @@ def _load_data(args) -> tuple[list[Subject], str]:
     from .synthetic import make_cohort
 
     data_dir = Path(args.out) / "synthetic_data"
-    if _dist.is_main() and (not data_dir.exists() or not any(data_dir.glob("*_image.nii.gz"))):
+    if _dist.is_main() and (not data_dir.exists() or not _has_images(data_dir)):
         print(f"no --data given: making a synthetic cohort of {args.n_synthetic} subjects in {data_dir}",
               file=sys.stderr)
         make_cohort(data_dir, n=args.n_synthetic, seed=args.seed, geometry="dev", downsample=4)

@@ -22,11 +22,46 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import check_image, check_labels, check_mask, read_volume
 from .volume import Volume
+from .volume_io import check_image, check_labels, check_mask, read_volume
 
-__all__ = ["SubjectFiles", "Subject", "find_subjects", "load_subject", "load_subjects", "make_folds",
-           "inner_split"]
+__all__ = ["SubjectFiles", "Subject", "SUBJECT_FILE", "subject_file", "next_subject_id", "find_subjects",
+           "load_subject", "load_subjects", "make_folds", "inner_split"]
+
+#: The one definition of a data folder's file names: ``<id>_<kind>.nii[.gz]``, with kind ``image``
+#: (the scan), ``femur`` (its binary mask) or ``bones`` / ``labels`` (a label map), e.g.
+#: ``sub01_image.nii.gz`` + ``sub01_femur.nii.gz``.
+SUBJECT_FILE = re.compile(r"^(?P<id>.+)_(?P<kind>image|femur|bones|labels)(?P<ext>\.nii(\.gz)?)$")
+_LABEL_KINDS = ("bones", "labels")
+_EXTS = (".nii.gz", ".nii")
+
+
+def subject_file(folder: "str | os.PathLike", sid: str, kind: str) -> Path:
+    """The file a subject's ``kind`` (image, femur, bones, labels) is written to (``.nii.gz``)."""
+    if kind not in ("image", "femur", *_LABEL_KINDS):
+        raise ValueError(f"unknown subject file kind {kind!r}")
+    return Path(folder) / f"{sid}_{kind}.nii.gz"
+
+
+def _existing(folder: Path, sid: str, kinds: tuple[str, ...]) -> Path | None:
+    """The first existing ``<sid>_<kind>.nii.gz`` / ``.nii`` for the kinds in order, or None."""
+    return next((folder / f"{sid}_{k}{e}" for k in kinds for e in _EXTS if (folder / f"{sid}_{k}{e}").exists()),
+                None)
+
+
+def next_subject_id(folder: "str | os.PathLike") -> str:
+    """The next free ``subNN`` id of a data folder (``sub01`` for an empty or missing one).
+
+    Any subject file (image, mask or label map, in any letter case) takes its number.
+    """
+    root = Path(folder)
+    used = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = re.match(SUBJECT_FILE.pattern, p.name, re.IGNORECASE)
+            if m and (n := re.fullmatch(r"sub(\d+)", m["id"], re.IGNORECASE)):
+                used.append(int(n.group(1)))
+    return f"sub{(max(used) + 1) if used else 1:02d}"
 
 
 @dataclass(frozen=True)
@@ -47,9 +82,6 @@ class Subject:
     image: Volume
     mask: Volume
     labels: Volume | None = None
-
-
-_PAIR = re.compile(r"^(?P<id>.+)_image\.nii(\.gz)?$")
 
 
 def _strip_nii(name: str) -> str:
@@ -82,16 +114,14 @@ def find_subjects(folder: "str | os.PathLike") -> list[SubjectFiles]:
             out.append(SubjectFiles(case, img, lab))
     else:
         for img in sorted(root.iterdir()):
-            m = _PAIR.match(img.name)
-            if not m:
+            m = SUBJECT_FILE.match(img.name)
+            if not m or m["kind"] != "image":
                 continue
-            sid = m.group("id")
-            lab = next((root / f"{sid}_femur{ext}" for ext in (".nii.gz", ".nii") if (root / f"{sid}_femur{ext}").exists()), None)
+            sid = m["id"]
+            lab = _existing(root, sid, ("femur",))
             if lab is None:
-                raise InputError(img, f"subject {sid} has no mask ({sid}_femur.nii.gz missing)")
-            aux = next((root / f"{sid}_{kind}{ext}" for kind in ("bones", "labels") for ext in (".nii.gz", ".nii")
-                        if (root / f"{sid}_{kind}{ext}").exists()), None)
-            out.append(SubjectFiles(sid, img, lab, aux))
+                raise InputError(img, f"subject {sid} has no mask ({subject_file(root, sid, 'femur').name} missing)")
+            out.append(SubjectFiles(sid, img, lab, _existing(root, sid, _LABEL_KINDS)))
     if not out:
         raise InputError(root, "no subjects found (expected subNN_image.nii.gz + subNN_femur.nii.gz pairs, "
                                "or imagesTr/ + labelsTr/)")

@@ -27,7 +27,8 @@ from .models.registry import MODELS, ModelConfig, build_model
 from .models.unet import valid_input_size
 from .preprocess import GridSpec, prepare
 from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel, emit
-from .volume import Volume, from_canonical
+from .volume import Volume, from_canonical, to_canonical
+from .volume_io import check_image
 
 __all__ = [
     "LoadedModel", "Prediction", "load_model", "predict_array", "predict_volume", "postprocess",
@@ -514,8 +515,6 @@ def predict_volume(
     device, precision : str
         ``auto`` / ``cpu`` / ``cuda`` ...; ``auto`` / ``fp32`` / ``bf16``.
     """
-    from .io import check_image
-
     image = check_image(image)
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)
@@ -524,8 +523,6 @@ def predict_volume(
                            flip_tta=flip_tta, progress=progress, cancel=cancel)
     thr = model.threshold if threshold is None else float(threshold)
     prob_c = prep.restore_canonical(prob_m)
-    from .volume import to_canonical
-
     canon_img = to_canonical(image)[0].data
     mask_c = postprocess(prob_c, thr, cleanup, canon_img)
     prob = from_canonical(prob_c, prep.reorientation)

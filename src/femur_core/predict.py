@@ -23,7 +23,7 @@ import numpy as np
 from .cli import TqdmProgress, dump_json, run_main
 from .errors import FemurError, InputError
 from .inference import load_model, predict_volume
-from .io import NIFTI_SUFFIXES, PROB_SLOPE, TIFF_SUFFIXES, atomic_write_bytes, read_volume, write_volume
+from .volume_io import NIFTI_SUFFIXES, PROB_SLOPE, TIFF_SUFFIXES, atomic_write_bytes, read_volume, write_volume
 
 __all__ = ["main", "expand_inputs", "output_name", "select_shard"]
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import io as _io
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_write_bytes
+from .volume_io import atomic_write_bytes
 from .metrics import curves_from_counts, summarise
 
 __all__ = ["collect", "format_table", "write_report"]
@@ -36,7 +36,7 @@ def collect(run_dir: "str | Path") -> tuple[list[dict], list[int]]:
 
 
 def _savefig(fig, path: Path) -> None:
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue(), overwrite=True)
 
@@ -123,7 +123,7 @@ def write_report(run_dir: "str | Path") -> tuple[dict, list[int]]:
     folds.sort(key=lambda f: f["fold"])
     rows = [{"fold": f["fold"], "subject": s["subject"], **{m: s[m] for m in METRICS}}
             for f in folds for s in f["subjects"]]
-    buf = _io.StringIO()
+    buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["fold", "subject", *METRICS])
     w.writeheader()
     w.writerows(rows)

@@ -1000,21 +1000,22 @@ def make_cohort(
     OutputExistsError
         A target file exists and ``overwrite`` is False.
     """
-    from .io import write_volume
+    from .data import subject_file
+    from .volume_io import write_volume
 
     out = Path(out_dir)
     ids = [f"sub{i + 1:02d}" for i in range(int(n))]
     if not overwrite:
         for sid in ids:
-            for suffix in ("_image.nii.gz", "_femur.nii.gz"):
-                if (out / f"{sid}{suffix}").exists():
-                    raise OutputExistsError(out / f"{sid}{suffix}")
+            for kind in ("image", "femur"):
+                if subject_file(out, sid, kind).exists():
+                    raise OutputExistsError(subject_file(out, sid, kind))
     out.mkdir(parents=True, exist_ok=True)
     for i, sid in enumerate(ids):
         img, msk = make_subject(seed * 1000 + i, geometry=geometry, downsample=downsample)
         img = img.with_data(np.clip(np.rint(img.data), 0, np.iinfo(np.int16).max).astype(np.int16))
-        write_volume(img, out / f"{sid}_image.nii.gz", overwrite=overwrite)
-        write_volume(msk, out / f"{sid}_femur.nii.gz", overwrite=overwrite, dtype=np.uint8)
+        write_volume(img, subject_file(out, sid, "image"), overwrite=overwrite)
+        write_volume(msk, subject_file(out, sid, "femur"), overwrite=overwrite, dtype=np.uint8)
     return ids
 
 

@@ -23,7 +23,7 @@ from .cli import (TqdmProgress, add_common_training_args, cancel_on_sigint, conf
                   environment_info, run_main)
 from .data import find_subjects, inner_split, load_subjects
 from .errors import InputError, OutputExistsError
-from .io import atomic_write_bytes
+from .volume_io import atomic_write_bytes
 from .training import train_model
 
 __all__ = ["main"]

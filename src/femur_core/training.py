@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gc
-import io as _io
+import io
 import json
 import math
 import os
@@ -31,7 +31,7 @@ from .data import Subject
 from .errors import Cancelled, InputError, ModelFileError
 from .inference import (autocast, memory_format, predict_array, resolve_amp, resolve_device, tile_plan,
                         to_format)
-from .io import atomic_write_bytes
+from .volume_io import atomic_write_bytes
 from .loss import get_loss
 from .metrics import curves_from_histogram, dice, optimal_threshold
 from .models.registry import MODELS, ModelConfig, build_model, default_config
@@ -406,7 +406,7 @@ def _optimal_threshold_on(probs: list[np.ndarray], preps: list[Prepared]) -> flo
 
 
 def _write_history(out_dir: Path, history: list[dict]) -> None:
-    buf = _io.StringIO()
+    buf = io.StringIO()
     if history:
         w = csv.DictWriter(buf, fieldnames=list(history[0].keys()))
         w.writeheader()

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from femur_core.io import read_volume
+from femur_core.volume_io import read_volume
 from femur_core.volume import Volume, to_canonical
 
 from ._layers import layer_kwargs

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from femur_core.data import next_subject_id, subject_file
 from femur_core.errors import Cancelled, InputError, OutputExistsError
 from femur_core.models.registry import MODELS, default_config
 from femur_core.progress import CancelToken, ProgressEvent
@@ -67,16 +67,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["TrainFoldWidget", "TrainPlan", "TrainOutcome", "train_job", "add_training_pair", "next_subject_id"]
 
-_SUB = re.compile(r"^sub(\d+)_(image|femur|bones)\.nii(\.gz)?$", re.IGNORECASE)
-
 
 # ---------------------------------------------------------------------------- pure helpers
-def next_subject_id(folder: "str | os.PathLike") -> str:
-    """The next free ``subNN`` id of a data folder (``sub01`` in an empty one)."""
-    used = [int(m.group(1)) for p in Path(folder).iterdir() if (m := _SUB.match(p.name))] if Path(folder).is_dir() else []
-    return f"sub{(max(used) + 1) if used else 1:02d}"
-
-
 def add_training_pair(image_layer: Any, mask_layer: Any, folder: "str | os.PathLike") -> tuple[Path, Path]:
     """Save an image layer and its mask as the next ``subNN`` pair of a data folder.
 
@@ -96,7 +88,7 @@ def add_training_pair(image_layer: Any, mask_layer: Any, folder: "str | os.PathL
     femur_core.errors.OutputExistsError
         Never expected (the id is new), but never overwrites.
     """
-    from femur_core.io import write_volume
+    from femur_core.volume_io import write_volume
 
     img = np.asarray(image_layer.data)
     msk = np.asarray(mask_layer.data)
@@ -116,7 +108,7 @@ def add_training_pair(image_layer: Any, mask_layer: Any, folder: "str | os.PathL
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     sid = next_subject_id(out)
-    img_path, msk_path = out / f"{sid}_image.nii.gz", out / f"{sid}_femur.nii.gz"
+    img_path, msk_path = subject_file(out, sid, "image"), subject_file(out, sid, "femur")
     if img_path.exists() or msk_path.exists():  # pragma: no cover - next_subject_id avoids it
         raise OutputExistsError(img_path)
     write_volume(image_vol, img_path, overwrite=False)
@@ -493,7 +485,7 @@ class TrainFoldWidget(QWidget):
             Missing data or output folder, or an unusable layer pair.
         """
         from femur_core.data import Subject
-        from femur_core.io import check_image, check_mask
+        from femur_core.volume_io import check_image, check_mask
 
         data = self.data_dir.path()
         if data is not None and not data.is_dir():

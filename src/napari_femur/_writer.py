@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from femur_core.io import write_volume
+from femur_core.volume_io import write_volume
 from femur_core.volume import Volume
 
 from ._layers import source_volume, world_affine

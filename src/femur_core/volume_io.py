@@ -10,6 +10,7 @@ never over an existing file unless ``overwrite=True``.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,9 +34,6 @@ __all__ = [
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
-
-_UMASK = os.umask(0o022)  # read the process umask once (os.umask can only read it by setting it)
-os.umask(_UMASK)
 
 
 def _is_nifti(p: Path) -> bool:
@@ -209,6 +207,29 @@ def _read_dicom_series(folder: Path) -> Volume:
     return Volume(arr, m, str(folder), meta)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it.
+
+    Linux reports it in ``/proc/self/status``; elsewhere a probe file created
+    with mode 0777 in the temporary folder shows which bits the system removes.
+    (``os.umask`` can only read the mask by setting it, which races with other
+    threads creating files.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    probe = Path(tempfile.gettempdir()) / f".femur-umask-{secrets.token_hex(6)}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777)
+    try:
+        return 0o777 & ~os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
 def atomic_write_bytes(path: "str | os.PathLike", payload: bytes, overwrite: bool = False) -> Path:
     """Write bytes to ``path`` through a temporary file and an atomic rename.
 
@@ -224,7 +245,7 @@ def atomic_write_bytes(path: "str | os.PathLike", payload: bytes, overwrite: boo
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=str(p.parent))
         with os.fdopen(fd, "wb") as fh:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
