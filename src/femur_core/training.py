@@ -80,7 +80,10 @@ class TrainConfig:
     bg_slice_ratio : float
         2D: slices without femur drawn per epoch, relative to slices with femur.
     patch_size : list of int or None
-        3D: random training patches (Z, Y, X) instead of whole volumes.
+        3D: random training patches (Z, Y, X) instead of whole volumes. With
+        more than one sample per batch, volumes of different shapes are cut to
+        random crops of their element-wise smallest shape (so that a batch
+        stacks).
     val_fraction : float
         Share of training subjects held out for early stopping (honest protocol).
     seed, device, precision
@@ -242,14 +245,25 @@ def _crop_or_pad(a: np.ndarray, start: tuple[int, ...], size: tuple[int, ...]) -
     return a[(Ellipsis,) + sl]
 
 
-def _make_2d_sample(p: Prepared, z: int, cfg: TrainConfig, net, rng) -> tuple[np.ndarray, np.ndarray]:
+def _batch_slice_size(preps: list[Prepared], batch: int) -> tuple[int, int] | None:
+    """2D: the largest in-plane shape of the training volumes where a batch may mix shapes, else None."""
+    shapes = {p.image.shape[1:] for p in preps}
+    if batch <= 1 or len(shapes) <= 1:
+        return None
+    return max(s[0] for s in shapes), max(s[1] for s in shapes)
+
+
+def _make_2d_sample(p: Prepared, z: int, cfg: TrainConfig, net, rng,
+                    size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One training slice stack and its target; ``size`` (:func:`_batch_slice_size`): pad (padded
+    U-Net) or tile (valid U-Net) as for a slice of that shape, so that every sample of a batch stacks."""
     k = cfg.model.in_slices // 2
     idx = np.clip(np.arange(z - k, z + k + 1), 0, p.image.shape[0] - 1)
     x = p.image[idx]
     y = _target(p, cfg)[z]
     H, W = y.shape
     if getattr(net, "padding", 1) == 0:  # valid U-Net: random tile of the mirrored slice
-        plan = tile_plan(H, W, cfg.model.levels)
+        plan = tile_plan(*(size or (H, W)), cfg.model.levels)
         m, o = plan.margin, plan.tile_out
         xp = np.pad(x, ((0, 0), (m, m + o), (m, m + o)), mode="reflect")
         yp = np.pad(y, ((0, o), (0, o)), mode="constant")
@@ -257,16 +271,38 @@ def _make_2d_sample(p: Prepared, z: int, cfg: TrainConfig, net, rng) -> tuple[np
         sx = int(rng.integers(0, max(W - o, 0) + 1))
         return xp[:, sy:sy + plan.tile_in, sx:sx + plan.tile_in], yp[sy:sy + o, sx:sx + o]
     div = net.divisor
-    th, tw = [int(math.ceil(s / d) * d) for s, d in zip((H, W), div)]
+    th, tw = [int(math.ceil(s / d) * d) for s, d in zip(size or (H, W), div)]
     x = np.pad(x, ((0, 0), (0, th - H), (0, tw - W)), mode="edge")
     y = np.pad(y, ((0, th - H), (0, tw - W)), mode="constant")
     return x, y
 
 
-def _make_3d_sample(p: Prepared, cfg: TrainConfig, net, rng) -> tuple[np.ndarray, np.ndarray]:
-    x, y = p.image, _target(p, cfg)
+def _batch_patch_size(preps: list[Prepared], cfg: TrainConfig, batch: int) -> list[int] | None:
+    """3D: the patch size that makes the samples of one batch stackable.
+
+    ``cfg.patch_size`` where every volume is at least that large; with more
+    than one sample per batch, otherwise the element-wise smallest volume
+    shape (random crops of one common size, foreground-centred half of the
+    time, as for ``patch_size``); None (whole volumes) for one sample per batch
+    or volumes that all have one shape.
+    """
+    shapes = [p.image.shape for p in preps]
+    if batch <= 1:
+        return cfg.patch_size
+    size = [min(d) for d in zip(*shapes)]
     if cfg.patch_size:
-        size = [min(a, b) for a, b in zip(cfg.patch_size, x.shape)]
+        size = [min(a, b) for a, b in zip(cfg.patch_size, size)]
+    elif all(s == shapes[0] for s in shapes):
+        return None
+    return size
+
+
+def _make_3d_sample(p: Prepared, cfg: TrainConfig, net, rng,
+                    patch_size: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """A whole volume, or a random crop of ``patch_size`` (see :func:`_batch_patch_size`)."""
+    x, y = p.image, _target(p, cfg)
+    if patch_size:
+        size = [min(a, b) for a, b in zip(patch_size, x.shape)]
         if rng.random() < 0.5 and (y == 1).any():
             zz, yy, xx = np.nonzero(y == 1)
             j = int(rng.integers(len(zz)))
@@ -516,6 +552,10 @@ def train_model(
     ddp_net = _dist.wrap_ddp(net, device)  # `net` itself when one process trains
     train_p = prepare_subjects(train, config.grid, cache)
     val_p = prepare_subjects(val, config.grid, cache)
+    # more than one sample per (global) batch and volumes of different shapes: 3D crops of one size
+    # (2D: slices padded / tiled as for the largest slice)
+    patch_3d = _batch_patch_size(train_p, config, config.batch_size * world) if kind == "3d" else None
+    size_2d = _batch_slice_size(train_p, config.batch_size * world) if kind != "3d" else None
     t_start = time.monotonic()
     stop_reason = "max_epochs"
 
@@ -559,9 +599,9 @@ def train_model(
                 xs, ys = [], []
                 for i, z in batches[step]:
                     if kind == "3d":
-                        x, y = _make_3d_sample(train_p[i], config, net, rng)
+                        x, y = _make_3d_sample(train_p[i], config, net, rng, patch_3d)
                     else:
-                        x, y = _make_2d_sample(train_p[i], z, config, net, rng)
+                        x, y = _make_2d_sample(train_p[i], z, config, net, rng, size_2d)
                     xs.append(x)
                     ys.append(y)
                 xb = torch.from_numpy(np.stack(xs).astype(np.float32))
