@@ -36,6 +36,7 @@ included): a voxel is in the mask when its centre lies inside the femur.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,13 @@ __all__ = [
     "GEOMETRIES",
     "make_subject",
     "make_cohort",
+    "SYNTHETIC_MARKER",
     "threshold_baseline",
     "threshold_baseline_dsc",
 ]
+
+#: File that :func:`make_cohort` leaves in a cohort folder (the folder is synthetic).
+SYNTHETIC_MARKER = "synthetic.json"
 
 #: Acquisition presets. ``matrix`` is the in-plane size (array axes 0 and 1),
 #: ``pixel_mm`` the in-plane spacing, ``slice_mm`` the spacing of the coronal
@@ -994,6 +999,8 @@ def make_cohort(
     Notes
     -----
     Images are stored as int16 (rounded), like the real scans; masks as uint8.
+    The folder also gets ``synthetic.json`` (:data:`SYNTHETIC_MARKER`: generator,
+    seed, geometry), which :func:`femur_core.training.recipe_for_data` reads.
 
     Raises
     ------
@@ -1001,7 +1008,7 @@ def make_cohort(
         A target file exists and ``overwrite`` is False.
     """
     from .data import subject_file
-    from .volume_io import write_volume
+    from .volume_io import atomic_write_bytes, write_volume
 
     out = Path(out_dir)
     ids = [f"sub{i + 1:02d}" for i in range(int(n))]
@@ -1011,6 +1018,10 @@ def make_cohort(
                 if subject_file(out, sid, kind).exists():
                     raise OutputExistsError(subject_file(out, sid, kind))
     out.mkdir(parents=True, exist_ok=True)
+    # the marker that says "synthetic" to recipe_for_data (the GUI then picks the quick recipe)
+    marker = {"generator": "femur_core.synthetic.make_cohort", "n": int(n), "seed": int(seed),
+              "geometry": geometry, "downsample": int(downsample)}
+    atomic_write_bytes(out / SYNTHETIC_MARKER, (json.dumps(marker, indent=2) + "\n").encode(), overwrite=True)
     for i, sid in enumerate(ids):
         img, msk = make_subject(seed * 1000 + i, geometry=geometry, downsample=downsample)
         img = img.with_data(np.clip(np.rint(img.data), 0, np.iinfo(np.int16).max).astype(np.int16))

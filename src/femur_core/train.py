@@ -5,6 +5,12 @@ model folder receives ``model.pt`` (weights, configuration and the
 PRC-optimal threshold; loads without unpickling), ``config.json`` and the
 training history. Interrupted runs resume when the same command is run again.
 
+Fine-tuning: ``--init-from MODEL`` starts from an existing model (its
+architecture and grid, the recipe's other settings, a 10x smaller learning
+rate; see :mod:`femur_core.finetune`), e.g. after corrected scans were added
+to the folder. :func:`train_final_model` is the same run as a function (the
+napari Train widget calls it in a thread worker).
+
 Data-parallel on several GPUs (or CPU processes): ``torchrun --nproc-per-node N
 -m femur_core.train ...``; ``--batch-size`` is then per process, and only
 rank 0 writes files and prints (see docs/scaling.md).
@@ -13,20 +19,24 @@ rank 0 writes files and prints (see docs/scaling.md).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed as _dist
 from .cli import (TqdmProgress, add_common_training_args, cancel_on_sigint, config_from_args, dump_json,
                   environment_info, run_main)
-from .data import find_subjects, inner_split, load_subjects
+from .data import Subject, find_subjects, inner_split, load_subjects
 from .errors import InputError, OutputExistsError
+from .finetune import finetune_config
+from .progress import CancelToken, ProgressCallback
+from .training import TrainConfig, TrainResult, train_model
 from .volume_io import atomic_write_bytes
-from .training import train_model
 
-__all__ = ["main"]
+__all__ = ["main", "train_final_model", "FinalModel"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", required=True, help="folder of subjects (subNN_image/subNN_femur or imagesTr/labelsTr)")
     ap.add_argument("--out", required=True, help="model folder to create")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing finished model.pt")
+    ap.add_argument("--init-from", metavar="MODEL",
+                    help="fine-tune: start from this model (model.pt or its folder); keeps its architecture "
+                         "and grid, takes the recipe's other settings with a 10x smaller learning rate")
     add_common_training_args(ap)
     return ap
 
@@ -44,40 +57,94 @@ def main(argv: list[str] | None = None) -> int:
     return _dist.run_in_process_group(_main, args, args.device)
 
 
-def _main(args) -> int:
+@dataclass
+class FinalModel:
+    """What :func:`train_final_model` left in its model folder."""
+
+    model: Path  # model.pt
+    result: TrainResult
+    train_subjects: list[str]
+    early_stopping_subjects: list[str]
+
+
+def train_final_model(
+    subjects: list[Subject],
+    config: TrainConfig,
+    out: "str | os.PathLike",
+    *,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    init_from: "str | os.PathLike | None" = None,
+    data: str | None = None,
+    overwrite: bool = False,
+) -> FinalModel:
+    """Train the model to keep on every subject (early stopping on an inner split).
+
+    Parameters
+    ----------
+    subjects : list of Subject
+        At least 2 (one is held out for early stopping).
+    config : TrainConfig
+        The recipe (for fine-tuning, :func:`femur_core.finetune.finetune_config`).
+    out : path-like
+        Model folder: ``model.pt``, ``config.json``, ``training/`` (resumable).
+    progress, cancel
+        As in :func:`femur_core.training.train_model`.
+    init_from : path-like, optional
+        Fine-tune: start from this model's weights.
+    data : str, optional
+        Where the subjects came from (recorded in ``config.json``).
+    overwrite : bool
+        Replace a finished ``model.pt`` (else :class:`OutputExistsError`).
+    """
     is_main, world = _dist.is_main(), _dist.world_size()
+    out = Path(out)
+    if (out / "model.pt").exists() and not overwrite:
+        raise OutputExistsError(out / "model.pt")
+    if len(subjects) < 2:
+        raise InputError(data, "training needs at least 2 subjects (one is held out for early stopping), "
+                               f"found {len(subjects)}")
+    tr, es = inner_split([s.id for s in subjects], config.val_fraction, config.seed)
+    by_id = {s.id: s for s in subjects}
+    work = out / "training"
+    if is_main and overwrite and work.exists() and (out / "model.pt").exists():
+        shutil.rmtree(work)
+    _dist.barrier()
+    res = train_model([by_id[i] for i in tr], [by_id[i] for i in es], config, work,
+                      progress=progress, resume=True, cancel=cancel, init_from=init_from)
+    if is_main:
+        atomic_write_bytes(out / "model.pt", res.checkpoint.read_bytes(), overwrite=True)
+        atomic_write_bytes(out / "config.json", dump_json({
+            "data": data, "train_subjects": tr, "early_stopping_subjects": es,
+            **({"init_from": str(Path(init_from).resolve())} if init_from is not None else {}),
+            "train": res.config.to_dict(), "threshold": res.threshold, "epochs": res.epochs,
+            "stop_reason": res.stop_reason, "train_minutes": res.minutes, "environment": environment_info(),
+            **({"world_size": world, "global_batch_size": config.batch_size * world} if world > 1 else {})}),
+            overwrite=True)
+    return FinalModel(out / "model.pt", res, tr, es)
+
+
+def _main(args) -> int:
+    is_main = _dist.is_main()
     out = Path(args.out)
     if (out / "model.pt").exists() and not args.overwrite:
         raise OutputExistsError(out / "model.pt")
     cfg = config_from_args(args, "cpu-2d")
+    if args.init_from:
+        cfg = finetune_config(args.init_from, cfg)
     subjects = load_subjects(find_subjects(args.data))
-    if len(subjects) < 2:
-        raise InputError(args.data, "training needs at least 2 subjects (one is held out for early stopping), "
-                                    f"found {len(subjects)}")
-    tr, es = inner_split([s.id for s in subjects], cfg.val_fraction, cfg.seed)
-    by_id = {s.id: s for s in subjects}
-    work = out / "training"
     t0 = time.monotonic()
-    if is_main and args.overwrite and work.exists() and (out / "model.pt").exists():
-        shutil.rmtree(work)
-    _dist.barrier()
-    res = train_model([by_id[i] for i in tr], [by_id[i] for i in es], cfg, work,
-                      progress=TqdmProgress() if is_main else None, resume=True, cancel=cancel_on_sigint())
+    final = train_final_model(subjects, cfg, out, progress=TqdmProgress() if is_main else None,
+                              cancel=cancel_on_sigint(), init_from=args.init_from,
+                              data=str(Path(args.data).resolve()), overwrite=args.overwrite)
     if not is_main:
         return 0
-    atomic_write_bytes(out / "model.pt", res.checkpoint.read_bytes(), overwrite=True)
-    atomic_write_bytes(out / "config.json", dump_json({
-        "data": str(Path(args.data).resolve()), "train_subjects": tr, "early_stopping_subjects": es,
-        "train": res.config.to_dict(), "threshold": res.threshold, "epochs": res.epochs, "stop_reason": res.stop_reason,
-        "train_minutes": res.minutes, "environment": environment_info(),
-        **({"world_size": world, "global_batch_size": cfg.batch_size * world} if world > 1 else {})}),
-        overwrite=True)
+    res = final.result
     best = max(res.history, key=lambda h: h["val_dsc"]) if res.history else {}
-    print(f"model: {out / 'model.pt'}  epochs {res.epochs} ({res.stop_reason}), "
+    print(f"model: {final.model}  epochs {res.epochs} ({res.stop_reason}), "
           f"{res.minutes:.1f} min training, best early-stopping DSC {best.get('val_dsc', float('nan')):.4f}, "
           f"threshold {res.threshold:.3f}  ({(time.monotonic() - t0) / 60:.1f} min in all)")
     return 0
-
 
 if __name__ == "__main__":
     run_main(main)

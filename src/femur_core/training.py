@@ -179,6 +179,20 @@ def recipe(name: str, **overrides) -> TrainConfig:
     return base.replace(**overrides) if overrides else base
 
 
+def recipe_for_data(folder: "str | os.PathLike | None") -> str:
+    """The recipe that fits a data folder.
+
+    ``"synthetic-quick"`` for a cohort written by
+    :func:`femur_core.synthetic.make_cohort` (it holds ``synthetic.json``),
+    otherwise ``"cpu-2d"``, the default for real scans (and for no folder).
+    """
+    from .synthetic import SYNTHETIC_MARKER
+
+    if folder is not None and (Path(folder) / SYNTHETIC_MARKER).is_file():
+        return "synthetic-quick"
+    return "cpu-2d"
+
+
 @dataclass
 class TrainResult:
     """What a finished training run left behind."""
@@ -474,6 +488,7 @@ def train_model(
     resume: bool = True,
     cache: dict | None = None,
     fold: int | None = None,
+    init_from: "str | os.PathLike | None" = None,
 ) -> TrainResult:
     """Train one model and early-stop on ``val``.
 
@@ -494,6 +509,11 @@ def train_model(
         Continue from ``out_dir/last.pt`` if it exists and matches ``config``.
     cache : dict, optional
         Memo of preprocessed subjects shared between calls (cross-validation).
+    init_from : path-like, optional
+        Fine-tuning: start from the weights of this model (checkpoint file or
+        model folder) instead of a random initialisation. Its architecture
+        must be ``config.model`` (see :func:`femur_core.finetune.finetune_config`).
+        A resumable ``last.pt`` in ``out_dir`` wins (the run already started).
 
     Returns
     -------
@@ -532,6 +552,17 @@ def train_model(
     losses0: list[float] = []
     epoch, step0, elapsed0, best_val = 0, 0, 0.0, -1.0
     last_path, best_path = out / "last.pt", out / "best.pt"
+    if init_from is not None and not (resume and last_path.exists()):
+        from .checkpoint import resolve_model_path
+
+        init_path = resolve_model_path(init_from)
+        try:
+            load_weights_into(net, load_checkpoint(init_path), init_path)
+        except ModelFileError as exc:
+            raise InputError(init_path, f"cannot fine-tune this model with these settings ({exc}); its "
+                                        "architecture, and its label-map class, must be kept "
+                                        "(femur_core.finetune.finetune_config)") from None
+        emit(progress, ProgressEvent("info", fold=fold, message=f"starting from the weights of {init_path}"))
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
         if state["config"] != cfg_dict:
