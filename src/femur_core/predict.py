@@ -4,7 +4,9 @@ MODEL is a checkpoint (``.pt``) or a model / run folder. Each IMAGE (a NIfTI
 file, TIFF stack or DICOM series folder; a folder of NIfTI files is a cohort)
 gives ``<name>_prob.nii.gz`` (femur probability, stored as uint8 in 1/255 steps
 with the NIfTI scaling slope) and ``<name>_mask.nii.gz`` in DIR, on the input's
-own grid with its affine. Existing outputs are kept unless ``--overwrite``.
+own grid with its affine. ``--format`` writes the mask as NRRD, MHA or a DICOM
+SEG referencing the source series instead (or as well: ``--format nii.gz,seg``).
+``--series UID-or-number`` picks one series of a DICOM folder that holds several. Existing outputs are kept unless ``--overwrite``.
 ``--shard i/n`` processes a deterministic 1/n of the inputs; ``--summary``
 lists what is done, missing or failed.
 """
@@ -22,6 +24,7 @@ import numpy as np
 
 from .cli import TqdmProgress, dump_json, run_main
 from .errors import FemurError, InputError
+from .export import MASK_FORMATS, output_path, write_mask
 from .inference import load_model, predict_volume
 from .volume_io import NIFTI_SUFFIXES, PROB_SLOPE, TIFF_SUFFIXES, atomic_write_bytes, read_volume, write_volume
 
@@ -75,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--format", default="nii.gz",
+                    help="mask format(s), comma-separated: " + ", ".join(MASK_FORMATS)
+                    + " (seg = DICOM SEG, needs a DICOM input); default nii.gz")
+    ap.add_argument("--series", help="DICOM folder with several series: the SeriesInstanceUID or SeriesNumber to read")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     ap.add_argument("--shard", help="i/n: process only shard i of n (0-based)")
     ap.add_argument("--summary", action="store_true", help="list done / missing / failed inputs and exit")
@@ -85,11 +92,20 @@ def _status_path(out: Path, name: str) -> Path:
     return out / ".status" / f"{name}.json"
 
 
-def _summary(inputs: list[Path], out: Path) -> int:
+def _parse_formats(text: str) -> list[str]:
+    fmts = [f.strip().lower().lstrip(".") for f in (text or "").split(",") if f.strip()]
+    bad = [f for f in fmts if f not in MASK_FORMATS]
+    if bad or not fmts:
+        raise InputError(None, f"--format: unknown format {', '.join(bad) or repr(text)} "
+                               f"(choose from {', '.join(MASK_FORMATS)})")
+    return list(dict.fromkeys(fmts))
+
+
+def _summary(inputs: list[Path], out: Path, formats: tuple[str, ...] = ("nii.gz",)) -> int:
     done, missing, failed = [], [], []
     for p in inputs:
         name = output_name(p)
-        if (out / f"{name}_mask.nii.gz").exists():
+        if all(output_path(out / f"{name}_mask", f).exists() for f in formats):
             done.append(name)
         elif _status_path(out, name).exists() and json.loads(_status_path(out, name).read_text()).get("error"):
             failed.append((name, json.loads(_status_path(out, name).read_text())["error"]))
@@ -111,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise InputError(None, f"several inputs would write the same outputs: {', '.join(sorted(dup))}")
+    formats = _parse_formats(args.format)
     if args.summary:
-        return _summary(inputs, out)
+        return _summary(inputs, out, tuple(formats))
     if args.shard:
         i, n = _parse_shard(args.shard)
         inputs = select_shard(inputs, i, n)
@@ -121,20 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     n_fail = 0
     for p in inputs:
         name = output_name(p)
-        prob_path, mask_path = out / f"{name}_prob.nii.gz", out / f"{name}_mask.nii.gz"
-        if not args.overwrite and (prob_path.exists() or mask_path.exists()):
+        prob_path = out / f"{name}_prob.nii.gz"
+        mask_paths = [output_path(out / f"{name}_mask", f) for f in formats]
+        mask_path = mask_paths[0]
+        if not args.overwrite and (prob_path.exists() or any(m.exists() for m in mask_paths)):
             print(f"{mask_path}: exists, kept (use --overwrite to replace)", file=sys.stderr)
             continue
         t0 = time.perf_counter()
         written: list[Path] = []
         try:
-            image = read_volume(p)
+            image = read_volume(p, series=args.series)
             pred = predict_volume(model, image, flip_tta=not args.no_tta, cleanup=not args.no_cleanup,
                                   threshold=args.threshold, device=args.device, precision=args.precision,
                                   progress=bar)
             bar.close()
             written.append(write_volume(pred.prob, prob_path, overwrite=args.overwrite, dtype=np.uint8, slope=PROB_SLOPE))
-            written.append(write_volume(pred.mask, mask_path, overwrite=args.overwrite, dtype=np.uint8))
+            for m in mask_paths:
+                written.append(write_mask(pred.mask, m, source=image, overwrite=args.overwrite))
         except BaseException as exc:
             for w in written:  # never leave half a result (a prob map without its mask)
                 w.unlink(missing_ok=True)

@@ -2,8 +2,8 @@
 
 Supported inputs: NIfTI (``.nii``, ``.nii.gz``), TIFF stacks (``.tif``,
 ``.tiff``; spacing from ImageJ / OME metadata or given) and DICOM series folders
-(sorted by slice position; a folder holding several series is an error that lists
-them). Outputs are NIfTI, written atomically (temporary file, then rename) and
+(single- or multi-frame, compressed or not: :mod:`femur_core.dicom`; a folder holding
+several series needs ``series=``, otherwise the error lists them). Outputs are NIfTI, written atomically (temporary file, then rename) and
 never over an existing file unless ``overwrite=True``.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom import is_dicom_file, read_dicom
 from .errors import InputError, OutputExistsError
 from .volume import Volume
 
@@ -47,6 +48,7 @@ def _is_tiff(p: Path) -> bool:
 def read_volume(
     path: "str | os.PathLike",
     spacing: Sequence[float] | None = None,
+    series: "str | int | None" = None,
 ) -> Volume:
     """Read a 3D volume with its geometry.
 
@@ -57,6 +59,9 @@ def read_volume(
     spacing : sequence of 3 floats, optional
         Voxel size (mm) along the array axes; used for TIFF stacks without
         spacing metadata (default 1 mm) and ignored otherwise.
+    series : str or int, optional
+        DICOM only: SeriesInstanceUID or SeriesNumber of the series to read from
+        a folder holding several (see :mod:`femur_core.dicom`).
 
     Returns
     -------
@@ -74,13 +79,13 @@ def read_volume(
     if not os.access(p, os.R_OK):
         raise InputError(p, "permission denied (not readable)")
     if p.is_dir():
-        vol = _read_dicom_series(p)
+        vol = read_dicom(p, series)
     elif _is_nifti(p):
         vol = _read_nifti(p)
     elif _is_tiff(p):
         vol = _read_tiff(p, spacing)
-    elif p.suffix.lower() == ".dcm":
-        vol = _read_dicom_series(p.parent)
+    elif is_dicom_file(p):
+        vol = read_dicom(p, series)
     else:
         raise InputError(p, "unknown file type (expected .nii, .nii.gz, .tif/.tiff or a DICOM folder)")
     return vol
@@ -144,67 +149,6 @@ def _read_tiff(p: Path, spacing: Sequence[float] | None) -> Volume:
         [[0, 0, -sp[2], 0], [-sp[0], 0, 0, 0], [0, -sp[1], 0, 0], [0, 0, 0, 1]], dtype=float
     )
     return Volume(data, affine, str(p), {"format": "tiff", "spacing_given": spacing is not None or meta_spacing is not None})
-
-
-def _read_dicom_series(folder: Path) -> Volume:
-    try:
-        import pydicom
-    except ImportError:  # pragma: no cover - pydicom is a dependency
-        raise InputError(folder, "reading DICOM needs pydicom (pip install pydicom)") from None
-
-    files = [f for f in sorted(folder.iterdir()) if f.is_file()]
-    series: dict[str, list] = {}
-    for f in files:
-        try:
-            ds = pydicom.dcmread(str(f), stop_before_pixels=False)
-        except Exception:
-            continue  # not a DICOM file (README, DICOMDIR, ...)
-        if not hasattr(ds, "ImagePositionPatient") or "PixelData" not in ds:
-            continue
-        uid = str(getattr(ds, "SeriesInstanceUID", "unknown"))
-        series.setdefault(uid, []).append(ds)
-    if not series:
-        raise InputError(folder, "no DICOM image files found in this folder")
-    if len(series) > 1:
-        desc = "; ".join(
-            f"{uid} ({getattr(v[0], 'SeriesDescription', '?')}, {len(v)} files)" for uid, v in series.items()
-        )
-        raise InputError(folder, f"holds {len(series)} DICOM series, pick one folder per series: {desc}")
-    dss = next(iter(series.values()))
-    if len(dss) < 2:
-        raise InputError(folder, "a DICOM series needs at least 2 slices for a 3D volume")
-    iop = np.asarray(dss[0].ImageOrientationPatient, dtype=float)
-    row, col = iop[:3], iop[3:]
-    normal = np.cross(row, col)
-    dss.sort(key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, dtype=float))))
-    pos = np.array([np.dot(normal, np.asarray(d.ImagePositionPatient, dtype=float)) for d in dss])
-    gaps = np.diff(pos)
-    if np.any(gaps <= 1e-6):
-        raise InputError(folder, "duplicate slice positions in the DICOM series")
-    step = float(np.median(gaps))
-    if np.any(np.abs(gaps - step) > 0.1 * step):
-        missing = int(round((pos[-1] - pos[0]) / step)) + 1 - len(pos)
-        raise InputError(
-            folder, f"uneven slice spacing: {max(missing, 1)} slice(s) appear to be missing from the series"
-        )
-    try:
-        arr = np.stack([d.pixel_array.astype(np.float32) * float(getattr(d, "RescaleSlope", 1))
-                        + float(getattr(d, "RescaleIntercept", 0)) for d in dss])
-    except Exception as exc:
-        raise InputError(folder, f"unreadable DICOM pixel data ({type(exc).__name__}: {exc})") from None
-    ps = [float(v) for v in dss[0].PixelSpacing]  # (row spacing, column spacing)
-    first = np.asarray(dss[0].ImagePositionPatient, dtype=float)
-    # DICOM patient coordinates are LPS; NIfTI world is RAS.
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    # array axes: (slice, row, column); index (k, r, c) -> first + k*step*normal + r*ps0*col + c*ps1*row
-    m = np.zeros((4, 4))
-    m[:3, 0] = lps_to_ras @ (normal * step)
-    m[:3, 1] = lps_to_ras @ (col * ps[0])
-    m[:3, 2] = lps_to_ras @ (row * ps[1])
-    m[:3, 3] = lps_to_ras @ first
-    m[3, 3] = 1
-    meta = {"format": "dicom", "series": str(getattr(dss[0], "SeriesDescription", ""))}
-    return Volume(arr, m, str(folder), meta)
 
 
 def _umask() -> int:
