@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -13,9 +14,26 @@ import pytest
 #   OMP_NUM_THREADS=1 QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1280x1024x24" \
 #       python -m pytest tests/test_plugin_*.py
 # (QT_QPA_PLATFORM=offscreen crashes in napari's OpenGL check on some machines).
-# Without napari the modules skip at import (pytest.importorskip); without a
-# display the gui tests skip with the command above as the reason.
+# Without napari the modules skip at import (gui_import); without a display the
+# gui tests skip with the command above as the reason. Under CI=true (set by
+# .ci/run, and by most CI services) both are FAILURES instead: a broken napari
+# install must not turn the GUI tests into skips on a green CI run.
 # ----------------------------------------------------------------------------
+
+DISPLAY_HELP = 'needs a display: run under xvfb-run -a -s "-screen 0 1280x1024x24" with QT_QPA_PLATFORM=xcb'
+
+
+def in_ci() -> bool:
+    """True where the environment says CI (``CI=true``, as .ci/run exports)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def gui_import(name: str):
+    """Import a module that the GUI tests need: ``pytest.importorskip`` on a developer machine,
+    a plain import under CI, where a missing or broken package is an error, not a skip."""
+    if in_ci():
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def _has_display() -> bool:
@@ -25,14 +43,16 @@ def _has_display() -> bool:
 
 
 def pytest_runtest_setup(item):
-    """Skip ``@pytest.mark.gui`` tests when no display is available.
+    """Skip ``@pytest.mark.gui`` tests when no display is available (fail under CI).
 
     A hook rather than an autouse fixture: session fixtures (pytest-qt's QApplication,
     requested through make_napari_viewer) are set up before any function fixture and
     would abort the run without a display.
     """
     if item.get_closest_marker("gui") is not None and not _has_display():
-        pytest.skip('needs a display: run under xvfb-run -a -s "-screen 0 1280x1024x24" with QT_QPA_PLATFORM=xcb')
+        if in_ci():
+            pytest.fail("CI=true but no display for the GUI tests; " + DISPLAY_HELP, pytrace=False)
+        pytest.skip(DISPLAY_HELP)
 
 
 def write_tiny_subject(folder, sid="sub01", seed=3):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-nib = pytest.importorskip("nibabel")
+from conftest import gui_import  # importorskip, but a failure under CI=true
+napari = gui_import("napari")
+nib = gui_import("nibabel")
 
 from nibabel import orientations as nio  # noqa: E402
 
@@ -133,7 +134,7 @@ def test_reader_error_names_the_file(tmp_path):
 
 
 def test_reader_opens_dicom_series_folder(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pydicom = gui_import("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -167,7 +168,7 @@ def test_reader_opens_dicom_series_folder(tmp_path):
 
 
 def test_sample_data_loads(make_napari_viewer):
-    pytest.importorskip("femur_core.synthetic")
+    gui_import("femur_core.synthetic")
     viewer = make_napari_viewer()
     layers = viewer.open_sample("napari-femur", "synthetic_hip")
     kinds = sorted(type(layer).__name__ for layer in layers)

@@ -7,8 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from conftest import gui_import  # importorskip, but a failure under CI=true
+napari = gui_import("napari")
+gui_import("pytestqt")
 
 from napari_femur._layers import femur_meta  # noqa: E402
 from napari_femur._segment_widget import NO_MODEL_HELP, SegmentFemurWidget  # noqa: E402

@@ -7,9 +7,10 @@ import threading
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
-nib = pytest.importorskip("nibabel")
+from conftest import gui_import  # importorskip, but a failure under CI=true
+napari = gui_import("napari")
+gui_import("pytestqt")
+nib = gui_import("nibabel")
 
 from nibabel import orientations as nio  # noqa: E402
 
