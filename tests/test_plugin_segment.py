@@ -193,3 +193,33 @@ def test_threshold_update_on_a_large_map(make_napari_viewer):
         shown = np.asarray(mask_layer.data).astype(bool)
         np.testing.assert_array_equal(shown, prob >= point["threshold"])
         assert point["tp"] == int((shown & (ref > 0)).sum())
+
+
+def test_threshold_cleanup_is_right_for_a_permuted_flipped_layer(make_napari_viewer):
+    """Cleanup keeps one femur per hip side when the layer's left-right axis is its data axis 0.
+
+    The layer's affine permutes and flips its axes (data axis 0 = left, 1 = anterior, 2 = inferior).
+    Two femurs at the same inferior position lie on opposite sides along data axis 0: a cleanup
+    that took data axis 2 as left-right saw them on one side and dropped the smaller one.
+    """
+    viewer = make_napari_viewer()
+    viewer.dims.ndisplay = 3  # a 2D view of a permuting affine would be a singular 2D transform in vispy
+    shape = (40, 20, 16)
+    image = np.full(shape, 5.0, np.float32)
+    image[2:38] = 100.0  # the body, centred left-right
+    prob = np.zeros(shape, np.float32)
+    prob[5:13, 6:14, 4:10] = 0.9  # first femur (larger)
+    prob[28:34, 6:13, 4:10] = 0.8  # second femur, across the midline along data axis 0
+    prob[19:21, 17:19, 14:16] = 0.95  # a small false positive
+    world = np.eye(4)
+    world[:3, :3] = [[0, -1.2, 0], [0, 0, 2.0], [0.9, 0, 0]]  # napari world = (posterior, inferior, left)
+    world[:3, 3] = [3.0, -7.0, 11.0]
+    viewer.add_image(image, name="scan", affine=world)
+    prob_layer = viewer.add_image(prob, name="scan femur probability", affine=world,
+                                  metadata={"femur": {"role": "probability", "image_layer": "scan"}})
+    panel = ThresholdWidget(viewer)
+    viewer.window.add_dock_widget(panel)
+    panel.set_probability_layer(prob_layer)
+    panel.set_threshold(0.5, cleanup=True)
+    expected = (prob >= 0.5) & (prob < 0.95)  # both femurs, without the false positive
+    np.testing.assert_array_equal(np.asarray(panel.mask_layer.data).astype(bool), expected)

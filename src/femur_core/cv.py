@@ -33,12 +33,11 @@ from .cli import (TqdmProgress, add_common_training_args, cancel_on_sigint, conf
                   environment_info, run_main)
 from .data import SUBJECT_FILE, Subject, find_subjects, inner_split, load_subjects, make_folds
 from .errors import InputError, OutputExistsError
-from .inference import load_model, postprocess, predict_volume
+from .inference import load_model, predict_volume
 from .metrics import curves_from_counts, evaluate, histogram_counts, optimal_threshold, volume_ml
 from .progress import CancelToken, ProgressCallback, ProgressEvent, emit
 from .report import format_table, write_report
 from .training import TrainConfig, train_model
-from .volume import from_canonical, to_canonical
 from .volume_io import atomic_write_bytes, write_volume
 
 __all__ = ["CVSetup", "setup_run", "run_fold", "main"]
@@ -141,11 +140,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     subjects = []
     for sid in test_ids:
         s, p = setup.subjects[sid], preds[sid]
-        mask = p.mask.data
-        if thr != p.threshold:
-            canon_prob, reo = to_canonical(p.prob)
-            mask_c = postprocess(canon_prob.data, thr, cfg.cleanup, to_canonical(s.image)[0].data)
-            mask = from_canonical(mask_c, reo).data
+        mask = p.mask.data if thr == p.threshold else p.mask_at(thr).data
         m = evaluate(mask.astype(bool), s.mask.data.astype(bool), s.image.spacing)
         subjects.append({"subject": sid, **m.to_dict()})
         if write_predictions:

@@ -27,7 +27,7 @@ from .models.registry import MODELS, ModelConfig, build_model
 from .models.unet import valid_input_size
 from .preprocess import GridSpec, prepare
 from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel, emit
-from .volume import Volume, from_canonical, to_canonical
+from .volume import Reorientation, Volume, from_canonical, to_canonical
 from .volume_io import check_image
 
 __all__ = [
@@ -469,23 +469,96 @@ def keep_largest_per_side(mask: np.ndarray, midline: float | None = None, min_fr
 
 
 def postprocess(prob: np.ndarray, threshold: float = 0.5, cleanup: bool = True,
-                image: np.ndarray | None = None) -> np.ndarray:
-    """Threshold a canonical probability map and optionally keep one component per hip side."""
+                image: np.ndarray | None = None, *, midline: float | None = None) -> np.ndarray:
+    """Threshold a canonical probability map and optionally keep one component per hip side.
+
+    The hip sides are split at ``midline`` (canonical column index), else at the
+    body midline of the canonical ``image``, else at the centre column.
+    """
     mask = np.asarray(prob) >= threshold
     if cleanup:
-        mid = body_midline(image) if image is not None else None
-        return keep_largest_per_side(mask, mid)
+        if midline is None and image is not None:
+            midline = body_midline(image)
+        return keep_largest_per_side(mask, midline)
     return mask.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- whole scans
 @dataclass
 class Prediction:
-    """A segmentation on the input scan's own grid and orientation."""
+    """A whole-scan prediction that can be thresholded again at any point.
 
-    prob: Volume
-    mask: Volume
+    It keeps the probability map in the canonical layout, the reorientation
+    back to the scan's own grid and the body midline (where the cleanup splits
+    the hip sides), so :meth:`mask_at` gives the mask of any threshold, with or
+    without cleanup, on the source grid, without re-running the network.
+
+    Attributes
+    ----------
+    prob_canonical : numpy.ndarray
+        float32 femur probability, canonical (P, I, L) layout.
+    reorientation : Reorientation
+        From the source grid to the canonical layout and back.
+    midline : float or None
+        Body midline (canonical column index); None: the centre column.
+    threshold, cleanup
+        The operating point of :attr:`mask`.
+    source : str or None
+        The scan the prediction belongs to.
+    """
+
+    prob_canonical: np.ndarray
+    reorientation: Reorientation
+    midline: float | None
     threshold: float
+    cleanup: bool = True
+    source: str | None = None
+
+    @classmethod
+    def from_probability(cls, prob: Volume, image: Volume | None = None, threshold: float = 0.5,
+                         cleanup: bool = True) -> "Prediction":
+        """Wrap a probability map on any grid (e.g. a napari layer's voxels).
+
+        ``image`` (the scan, on the same grid) gives the body midline; without
+        it the hip sides are split at the centre column.
+        """
+        canon, reo = to_canonical(prob)
+        midline = None
+        if image is not None:
+            if image.shape != prob.shape or not np.allclose(image.affine, prob.affine, atol=1e-3):
+                raise ValueError(f"image {image.name} is not on the grid of probability map {prob.name}")
+            midline = body_midline(to_canonical(image)[0].data)
+        return cls(np.asarray(canon.data, dtype=np.float32), reo, midline, float(threshold), cleanup, prob.source)
+
+    @functools.cached_property
+    def prob(self) -> Volume:
+        """The probability map on the source grid."""
+        vol = from_canonical(self.prob_canonical, self.reorientation)
+        vol.source = self.source
+        return vol
+
+    @functools.cached_property
+    def mask(self) -> Volume:
+        """The uint8 mask at :attr:`threshold` (cleaned if :attr:`cleanup`) on the source grid."""
+        return self.mask_at(self.threshold, self.cleanup)
+
+    def mask_at(self, threshold: float | None = None, cleanup: bool | None = None) -> Volume:
+        """The uint8 mask of ``prob >= threshold`` on the source grid.
+
+        Parameters
+        ----------
+        threshold : float, optional
+            Default: :attr:`threshold`.
+        cleanup : bool, optional
+            Keep one component per hip side (split at :attr:`midline`, so it is
+            right for any source orientation). Default: :attr:`cleanup`.
+        """
+        thr = self.threshold if threshold is None else float(threshold)
+        clean = self.cleanup if cleanup is None else bool(cleanup)
+        mask_c = postprocess(self.prob_canonical, thr, clean, midline=self.midline)
+        vol = from_canonical(mask_c, self.reorientation)
+        vol.source = self.source
+        return vol
 
 
 def predict_volume(
@@ -514,6 +587,11 @@ def predict_volume(
         Default: the model's PRC-optimal threshold from its validation data.
     device, precision : str
         ``auto`` / ``cpu`` / ``cuda`` ...; ``auto`` / ``fp32`` / ``bf16``.
+
+    Returns
+    -------
+    Prediction
+        ``.prob`` and ``.mask`` on the scan's grid; ``.mask_at(t)`` for other thresholds.
     """
     image = check_image(image)
     dev = resolve_device(device)
@@ -523,9 +601,5 @@ def predict_volume(
                            flip_tta=flip_tta, progress=progress, cancel=cancel)
     thr = model.threshold if threshold is None else float(threshold)
     prob_c = prep.restore_canonical(prob_m)
-    canon_img = to_canonical(image)[0].data
-    mask_c = postprocess(prob_c, thr, cleanup, canon_img)
-    prob = from_canonical(prob_c, prep.reorientation)
-    mask = from_canonical(mask_c, prep.reorientation)
-    prob.source = mask.source = image.source
-    return Prediction(prob, mask, thr)
+    midline = body_midline(to_canonical(image)[0].data)
+    return Prediction(prob_c, prep.reorientation, midline, thr, cleanup, image.source)

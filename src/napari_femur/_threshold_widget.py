@@ -30,12 +30,13 @@ from qtpy.QtWidgets import (
 
 from femur_core.metrics import curves_from_histogram, optimal_threshold
 
-from ._layers import derived_metadata, femur_meta, world_affine
+from ._layers import derived_metadata, femur_meta, volume_from_layer, world_affine
 from ._plots import PRCurveCanvas
 from ._qt_utils import LayerComboBox, notify_error, same_placement
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
+    from femur_core.inference import Prediction
     from femur_core.metrics import Curves
 
 __all__ = ["ThresholdWidget", "curve_index", "point_stats"]
@@ -123,6 +124,8 @@ class ThresholdWidget(QWidget):
         self._optimal_index: int | None = None
         self._curve_key: tuple | None = None
         self._ref_layer: Any = None
+        self._pred: "Prediction | None" = None
+        self._pred_key: tuple | None = None
 
         self.prob_combo = LayerComboBox(self.viewer, napari.layers.Image, accept=is_probability_layer, parent=self)
         self.prob_combo.setToolTip("Probability map made by Segment Femur")
@@ -254,6 +257,7 @@ class ThresholdWidget(QWidget):
         self._disconnect_prob()
         self._prob_layer = layer
         self._prob = None
+        self._pred = None
         self._mask_layer = None
         self._buffer = None
         self._curve_key = None
@@ -422,22 +426,36 @@ class ThresholdWidget(QWidget):
         self.threshold_applied.emit(float(t))
 
     def _apply_cleanup(self) -> None:
-        """Keep one component per hip side at the current threshold (femur_core.postprocess)."""
+        """Keep one component per hip side at the current threshold (femur_core's ``Prediction.mask_at``).
+
+        The probability layer's voxels become a Prediction on the layer's own
+        grid (its affine gives the left-right axis and the image layer the body
+        midline), so the cleanup is right for a layer in any orientation.
+        """
         if self._prob is None or self._mask_layer is None:
             return
-        from femur_core.inference import postprocess
-
-        image = None
-        name = femur_meta(self._prob_layer.metadata).get("image_layer")
-        if name and name in self.viewer.layers:
-            img = np.asarray(self.viewer.layers[name].data)
-            image = img if img.shape == self._prob.shape else None
         try:
-            cleaned = postprocess(self._prob, self.threshold, True, image)
+            cleaned = self._prediction().mask_at(self.threshold, cleanup=True).data
             np.copyto(self._mask_layer.data, cleaned, casting="unsafe")
             self._mask_layer.refresh()
         except Exception as exc:
             notify_error(exc, "cleanup")
+
+    def _prediction(self) -> "Prediction":
+        """The cached probability map as a femur_core Prediction (built once per probability layer)."""
+        from femur_core.inference import Prediction
+
+        key = (id(self._prob_layer), id(self._prob))
+        if self._pred_key != key or self._pred is None:
+            prob = volume_from_layer(self._prob_layer).with_data(self._prob)
+            image = None
+            name = femur_meta(self._prob_layer.metadata).get("image_layer")
+            if name and name in self.viewer.layers:
+                cand = volume_from_layer(self.viewer.layers[name])
+                if cand.shape == prob.shape and np.allclose(cand.affine, prob.affine, atol=1e-3):
+                    image = cand
+            self._pred, self._pred_key = Prediction.from_probability(prob, image, self.threshold), key
+        return self._pred
 
     def _update_stats(self) -> None:
         if self._prob_layer is None:
