@@ -231,12 +231,28 @@ def test_auto_backend_choice_does_not_change_results(seed, monkeypatch):
     np.testing.assert_allclose(kd[1], edt[1], atol=1e-9)
 
 
-def test_large_mask_takes_kdtree_path():
+def test_large_mask_takes_kdtree_path(monkeypatch):
+    """A big mask (sparse surfaces in a large box) is measured with the k-d tree, a small dense one
+    with the EDT, and both give the brute-force distances: spies record which backend ran."""
+    calls = []
+    real_tree, real_edt = M.cKDTree, M.ndi.distance_transform_edt
+    monkeypatch.setattr(M, "cKDTree", lambda pts: calls.append("kdtree") or real_tree(pts))
+    monkeypatch.setattr(M.ndi, "distance_transform_edt", lambda *a, **k: calls.append("edt") or real_edt(*a, **k))
     z, y, x = np.ogrid[:30, :120, :120]
     ref = ((z - 15) / 14.0) ** 2 + ((y - 60) / 57.0) ** 2 + ((x - 60) / 57.0) ** 2 <= 1
-    pc, rc = M._crop_pair(ref, ref)
-    sa = M._surface(pc)
-    assert M._KDTREE_FACTOR * 2 * sa.sum() < sa.size
+    pred = ((z - 15) / 13.0) ** 2 + ((y - 61) / 55.0) ** 2 + ((x - 58) / 56.0) ** 2 <= 1
+    sp = (5.2, 0.91, 0.91)
+    d_pr, d_rp = M.surface_distances(pred, ref, sp)
+    assert calls == ["kdtree", "kdtree"]
+    # exact: the k-d tree answer equals the EDT answer over the whole box
+    np.testing.assert_allclose(d_pr, M._distances_to(*(M._surface(c) for c in M._crop_pair(pred, ref)), sp, "edt"))
+    calls.clear()
+    a, b = rand_masks(1, shape=(6, 8, 9), p=0.6)  # small and dense: the EDT
+    d_ab, d_ba = M.surface_distances(a, b, sp)
+    assert calls == ["edt", "edt"]
+    e_ab, e_ba = brute_distances(a, b, sp)
+    np.testing.assert_allclose(d_ab, e_ab)
+    np.testing.assert_allclose(d_ba, e_ba)
 
 
 def test_crop_equals_full_grid():

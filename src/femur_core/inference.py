@@ -308,11 +308,20 @@ def _predict_2d_same(net, vol, in_slices, device, amp, progress, cancel, batch_s
     return out
 
 
-def _gaussian_weights(shape: tuple[int, ...], sigma_frac: float = 0.125) -> np.ndarray:
+def _gaussian_weights(shape: tuple[int, ...], sigma_frac: float = 0.125,
+                      split: tuple[bool, ...] | None = None) -> np.ndarray:
+    """Blending weights of one window: Gaussian along the axes that are ``split`` into overlapping
+    windows (default: all), flat along the others, floored at 1e-6 of the peak (never zero).
+
+    A Gaussian along an axis that every window holds whole would cancel out, were it not for the
+    floor: it pushed the weights of a volume's first and last slices below it, where the windows'
+    edges were then averaged flat (a floor of 1e-3 did that).
+    """
+    split = tuple(split) if split is not None else (True,) * len(shape)
     grids = np.meshgrid(*[np.arange(s) - (s - 1) / 2 for s in shape], indexing="ij")
-    w = np.exp(-sum((g / max(sigma_frac * s, 1e-3)) ** 2 / 2 for g, s in zip(grids, shape)))
-    w = w / w.max()
-    return np.maximum(w, 1e-3).astype(np.float32)
+    w = np.exp(-sum((g / max(sigma_frac * s, 1e-3)) ** 2 / 2 for g, s, a in zip(grids, shape, split) if a))
+    w = np.broadcast_to(w, shape) / np.max(w)
+    return np.maximum(w, 1e-6).astype(np.float32)
 
 
 def window_plan(shape: tuple[int, ...], divisor: tuple[int, ...], max_voxels: int,
@@ -362,7 +371,7 @@ def _predict_3d(net, vol, device, amp, progress, cancel, max_voxels: int, patch=
     _, patch, starts = window_plan(vol.shape, div, max_voxels, patch)  # padded shape = _pad_to(x, div) below
     xp, shape = _pad_to(x, div)
     full = xp.shape[2:]
-    w = _gaussian_weights(patch)
+    w = _gaussian_weights(patch, split=tuple(p < f for p, f in zip(patch, full)))
     acc = np.zeros(full, np.float32)
     norm = np.zeros(full, np.float32)
     total = len(starts[0]) * len(starts[1]) * len(starts[2])
