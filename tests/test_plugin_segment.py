@@ -69,8 +69,8 @@ def test_segment_adds_aligned_layers_and_threshold_updates_mask_and_curve(
     prob_layer, mask_layer = blocker.args[0]
     qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
 
-    assert prob_layer.name == f"{image.name} femur probability"
-    assert mask_layer.name == f"{image.name} femur mask"
+    assert prob_layer.name == f"{image.name} femur probability (prediction)"
+    assert mask_layer.name == f"{image.name} femur (prediction)"
     assert isinstance(mask_layer, napari.layers.Labels)
     for layer in (prob_layer, mask_layer):
         assert layer.data.shape == image.data.shape
@@ -125,6 +125,7 @@ def test_rerun_updates_layers_in_place(make_napari_viewer, qtbot, tiny_scan_pair
     viewer = make_napari_viewer()
     image, _ = _open_pair(viewer, tiny_scan_pair)
     widget = SegmentFemurWidget(viewer)
+    qtbot.addWidget(widget)  # closed and deleted at the end of the test, not by a later garbage collection
     _use_path(widget, tiny_checkpoint)
     widget.image_combo.set_layer(image)
     widget.flip_check.setChecked(False)
@@ -139,6 +140,7 @@ def test_cancel_and_errors_become_messages(make_napari_viewer, qtbot, tiny_scan_
     viewer = make_napari_viewer()
     image, _ = _open_pair(viewer, tiny_scan_pair)
     widget = SegmentFemurWidget(viewer)
+    qtbot.addWidget(widget)
     _use_path(widget, tiny_checkpoint)
     widget.image_combo.set_layer(image)
 
@@ -223,3 +225,161 @@ def test_threshold_cleanup_is_right_for_a_permuted_flipped_layer(make_napari_vie
     panel.set_threshold(0.5, cleanup=True)
     expected = (prob >= 0.5) & (prob < 0.95)  # both femurs, without the false positive
     np.testing.assert_array_equal(np.asarray(panel.mask_layer.data).astype(bool), expected)
+
+
+# ----------------------------------------------------------------------------- one threshold per probability layer
+def _segment(qtbot, widget):
+    with qtbot.waitSignal(widget.segmented, timeout=TIMEOUT_MS) as blocker:
+        assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    return blocker.args[0]
+
+
+def _labels(viewer):
+    return [layer for layer in viewer.layers if isinstance(layer, napari.layers.Labels)]
+
+
+@pytest.mark.parametrize("dock_first", [True, False], ids=["threshold-dock-before-segmenting",
+                                                           "threshold-dock-after-segmenting"])
+def test_one_threshold_per_probability_layer_whatever_the_order(
+    make_napari_viewer, qtbot, tiny_scan_pair, tiny_checkpoint, dock_first
+):
+    """The slider of every panel moves the one mask layer of the probability layer; never a new one."""
+    viewer = make_napari_viewer()
+    image, ref = _open_pair(viewer, tiny_scan_pair)
+    segment = SegmentFemurWidget(viewer)
+    viewer.window.add_dock_widget(segment)
+    _use_path(segment, tiny_checkpoint)
+    segment.image_combo.set_layer(image)
+    segment.flip_check.setChecked(False)
+    segment.cleanup_check.setChecked(False)
+    dock = None
+    if dock_first:
+        dock = ThresholdWidget(viewer)
+        viewer.window.add_dock_widget(dock)
+        assert dock.mask_layer is None and "run Segment Femur" in dock.stats_label.text()
+    prob_layer, mask_layer = _segment(qtbot, segment)
+    if dock is None:
+        dock = ThresholdWidget(viewer)
+        viewer.window.add_dock_widget(dock)
+    embedded = segment.threshold_panel
+    labels_before = _labels(viewer)
+    assert labels_before == [ref, mask_layer]
+    prob = np.asarray(prob_layer.data)
+    t_seg = femur_meta(prob_layer.metadata)["threshold"]
+    for panel in (dock, embedded):  # both show the result's threshold and its mask layer
+        assert panel.mask_layer is mask_layer
+        assert panel.threshold == pytest.approx(t_seg, abs=1e-3)
+        assert panel.state is embedded.state
+
+    lo, hi = float(np.quantile(prob, 0.3)), float(np.quantile(prob, 0.8))
+    dock.set_threshold(hi)  # the dock's slider ...
+    assert _labels(viewer) == labels_before, "no second mask layer"
+    np.testing.assert_array_equal(np.asarray(mask_layer.data).astype(bool), prob >= np.float32(round(hi, 3)))
+    assert embedded.threshold == pytest.approx(hi, abs=1e-3)  # ... moves the embedded slider too
+    assert embedded.spin.value() == pytest.approx(hi, abs=1e-3)
+    embedded.slider.setValue(int(round(lo * 1000)))  # and the other way round, through the Qt slider
+    np.testing.assert_array_equal(np.asarray(mask_layer.data).astype(bool), prob >= np.float32(round(lo, 3)))
+    assert dock.threshold == pytest.approx(lo, abs=1e-3)
+    assert _labels(viewer) == labels_before
+    # the clean-up flag is shared as well
+    dock.cleanup_check.setChecked(True)
+    assert embedded.cleanup_check.isChecked()
+    # a second run into the same layers: both panels show the new result's threshold, still one mask
+    _segment(qtbot, segment)
+    assert _labels(viewer) == labels_before
+    for panel in (dock, embedded):
+        assert panel.threshold == pytest.approx(femur_meta(prob_layer.metadata)["threshold"], abs=1e-3)
+        assert panel.mask_layer is mask_layer
+
+
+def test_prediction_and_reference_colours_and_names(make_napari_viewer, qtbot, tiny_scan_pair, tiny_checkpoint):
+    from napari_femur._style import PREDICTION_COLORS, REFERENCE_COLORS
+
+    viewer = make_napari_viewer()
+    image, ref = _open_pair(viewer, tiny_scan_pair)
+    segment = SegmentFemurWidget(viewer)
+    viewer.window.add_dock_widget(segment)
+    _use_path(segment, tiny_checkpoint)
+    segment.image_combo.set_layer(image)
+    segment.flip_check.setChecked(False)
+    prob_layer, mask_layer = _segment(qtbot, segment)
+    assert "prediction" in mask_layer.name and "prediction" in prob_layer.name
+
+    def rgb(layer, value):
+        return tuple(np.round(np.asarray(layer.colormap.map(np.array([value])))[0][:3], 3))
+
+    def hex_rgb(h):
+        return tuple(round(int(h[i:i + 2], 16) / 255, 3) for i in (1, 3, 5))
+
+    for value in (1, 2):  # femur / right femur, left femur (label maps)
+        assert rgb(mask_layer, value) == hex_rgb(PREDICTION_COLORS[value])
+        assert rgb(ref, value) == hex_rgb(REFERENCE_COLORS[value])
+        assert rgb(mask_layer, value) != rgb(ref, value)
+    # chosen as reference, the manual mask is drawn as an outline over the filled prediction
+    panel = segment.threshold_panel
+    assert panel.ref_combo.findData(mask_layer.name) < 0, "a prediction is not offered as its own reference"
+    panel.ref_combo.set_layer(ref)
+    assert ref.contour > 0 and mask_layer.contour == 0
+    panel.ref_combo.set_layer(None)
+    assert ref.contour == 0
+
+
+def test_view_fits_the_scan_after_docking_and_after_a_result(
+    make_napari_viewer, qtbot, tiny_scan_pair, tiny_checkpoint
+):
+    viewer = make_napari_viewer(show=True)
+    image, _ = _open_pair(viewer, tiny_scan_pair)
+    viewer.reset_view()
+    qtbot.wait(50)
+
+    def camera():
+        return getattr(viewer, "scene", viewer).camera  # napari >= 0.9: viewer.scene.camera
+
+    def fits() -> bool:
+        """The whole scan is inside the canvas, and fills it along one axis (what Home gives)."""
+        ext = np.asarray(image.extent.world)[:, list(viewer.dims.displayed)]
+        size = (ext[1] - ext[0]) * camera().zoom  # canvas pixels the scan takes
+        canvas = np.asarray(viewer.window._qt_viewer.canvas.size, dtype=float)  # (height, width)
+        centre_ok = np.allclose(np.asarray(camera().center)[-2:], (ext[0] + ext[1]) / 2, atol=1.0)
+        return bool(np.all(size <= canvas * 1.001) and np.any(size >= canvas * 0.9) and centre_ok)
+
+    assert fits()
+    segment = SegmentFemurWidget(viewer)
+    viewer.window.add_dock_widget(segment, area="right")
+    qtbot.waitUntil(fits, timeout=5000)  # the canvas narrowed by the dock shows the whole scan
+    _use_path(segment, tiny_checkpoint)
+    segment.image_combo.set_layer(image)
+    segment.flip_check.setChecked(False)
+    camera().zoom = camera().zoom * 3  # the user zoomed in
+    assert not fits()
+    _segment(qtbot, segment)
+    assert fits(), "a new result is shown on the whole scan"
+
+
+def test_a_deferred_plot_redraw_survives_the_deletion_of_its_widget(qtbot, capfd):
+    """The cause of 'RuntimeError: wrapped C/C++ object of type _Canvas has been deleted' on stderr:
+    a pending draw_idle of a panel that Qt deleted before (or while) it ran."""
+    from qtpy.QtWidgets import QWidget
+
+    from napari_femur._plots import PRCurveCanvas
+
+    sip_delete = pytest.importorskip("qtpy.sip").delete
+    for when in ("before", "during"):
+        holder = QWidget()
+        plot = PRCurveCanvas(None, parent=holder)
+        canvas = plot.canvas
+        if when == "during":  # the holder is deleted while the figure renders (a garbage collection there)
+            real_draw = plot.figure.draw
+
+            def draw_then_delete(renderer, _real=real_draw, _holder=holder):
+                _real(renderer)
+                sip_delete(_holder)
+
+            plot.figure.draw = draw_then_delete
+        canvas.draw_idle()
+        if when == "before":
+            sip_delete(holder)
+        qtbot.wait(50)
+        err = capfd.readouterr().err
+        assert "has been deleted" not in err and "Traceback" not in err, err

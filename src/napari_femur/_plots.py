@@ -36,14 +36,38 @@ _DARK = {
 }
 
 
+def _qt_alive(obj: Any) -> bool:
+    """Whether the C++ side of a Qt object still exists (any call raises RuntimeError once it is gone)."""
+    try:
+        obj.objectName()
+        return True
+    except RuntimeError:
+        return False
+
+
 class _Canvas(FigureCanvasQTAgg):
-    """A Qt Agg canvas whose deferred redraw tolerates the widget being deleted first."""
+    """A Qt Agg canvas whose deferred redraw tolerates the widget being deleted meanwhile.
+
+    ``draw_idle()`` schedules the drawing for a later turn of the event loop.
+    When the dock holding the canvas is deleted in between (the viewer closed,
+    or an undocked panel garbage-collected, which Python may do in the middle
+    of rendering the figure), matplotlib's deferred draw would call
+    ``update()`` on a deleted widget and print ``RuntimeError: wrapped C/C++
+    object of type _Canvas has been deleted``. There is nothing to draw then.
+    """
 
     def _draw_idle(self) -> None:  # matplotlib's QTimer callback behind draw_idle()
+        if not _qt_alive(self):  # deleted before the timer fired
+            return
+        super()._draw_idle()
+
+    def draw(self) -> None:
         try:
-            super()._draw_idle()
-        except RuntimeError:  # "wrapped C/C++ object ... has been deleted" (viewer closed)
-            pass
+            super().draw()
+        except RuntimeError:
+            if _qt_alive(self):
+                raise
+            # deleted during rendering: nothing to show
 
 
 def theme_colors(viewer: "napari.Viewer | None") -> dict[str, str]:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import QEvent, QSize, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -24,7 +24,38 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
 
 __all__ = ["LayerComboBox", "PathPicker", "notify_error", "notify_info", "same_placement", "error_text",
-           "scrolling_layout", "disable_missing_devices"]
+           "scrolling_layout", "disable_missing_devices", "reset_view_when_shown", "reset_view"]
+
+
+def reset_view(viewer: Any) -> None:
+    """Fit the scan into the canvas (napari's Home), if the viewer has layers; never raises."""
+    try:
+        if len(viewer.layers):
+            viewer.reset_view()
+    except Exception:  # pragma: no cover - the viewer may be closing
+        pass
+
+
+class _ResetOnShow(QObject):
+    """Event filter: reset the view once, after the widget was first shown (docked)."""
+
+    def __init__(self, viewer: Any, parent: QWidget) -> None:
+        super().__init__(parent)
+        self._viewer = viewer
+        self._done = False
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt API
+        if not self._done and event.type() == QEvent.Show:
+            self._done = True
+            # after the dock took its width from the canvas: the next turn of the event loop
+            QTimer.singleShot(0, lambda: reset_view(self._viewer))
+        return False
+
+
+def reset_view_when_shown(widget: QWidget, viewer: Any) -> None:
+    """Reset ``viewer``'s view once ``widget`` is first shown: a new dock narrows the canvas,
+    which would otherwise crop the scan at its edges until the user presses Home."""
+    widget.installEventFilter(_ResetOnShow(viewer, widget))
 
 
 def disable_missing_devices(combo: QComboBox) -> None:

@@ -25,6 +25,7 @@ from femur_core.volume_io import read_volume
 from femur_core.volume import Volume, to_canonical
 
 from ._layers import layer_kwargs
+from ._style import reference_kwargs
 
 __all__ = ["get_reader", "read_paths", "volume_layer_data", "looks_like_mask"]
 
@@ -119,6 +120,7 @@ def volume_layer_data(
         data = np.asarray(canon.data)
         if data.dtype == bool or data.dtype.itemsize > 4:
             data = data.astype(np.uint8 if int(data.max(initial=0)) <= 255 else np.int32)
+        kwargs.update(reference_kwargs(data))  # a mask from a file: drawn in the reference colours
         return data, kwargs, "labels"
     data = np.asarray(canon.data)
     finite = data[np.isfinite(data)] if data.dtype.kind == "f" else data

@@ -43,7 +43,6 @@ def synthetic_subject_layers(
     image, mask = make_subject(seed, geometry=geometry, downsample=downsample)
     img = volume_layer_data(image, name=f"{name} MRI", as_labels=False)
     ref = volume_layer_data(mask, name=f"{name} reference femur", as_labels=True)
-    ref[1]["opacity"] = 0.5
     return [img, ref]
 
 

@@ -6,9 +6,11 @@ this session by Train Fold, or a checkpoint file / run folder), and the
 inference options of :func:`femur_core.inference.predict_volume`. Run starts a
 napari thread worker that yields femur_core progress events to the progress
 bar; Cancel sets the work's cancel token. The result appears as two layers
-placed exactly like the image: "<name> femur probability" (image) and
-"<name> femur mask" (labels), with the geometry metadata the writer needs.
-The threshold section below moves the operating point on the cached map.
+placed exactly like the image: "<name> femur probability (prediction)" (image)
+and "<name> femur (prediction)" (labels, filled in the prediction colour),
+with the geometry metadata the writer needs. The threshold section below moves
+the operating point on the cached map; it shares the probability layer's one
+threshold with the Femur Threshold dock (napari_femur._threshold_state).
 """
 
 from __future__ import annotations
@@ -46,10 +48,14 @@ from ._qt_utils import (
     error_text,
     notify_error,
     notify_info,
+    reset_view,
+    reset_view_when_shown,
     same_placement,
     scrolling_layout,
 )
 from ._session import session_models
+from ._style import style_prediction
+from ._threshold_state import prediction_names
 from ._threshold_widget import ThresholdWidget
 from ._workers import iter_progress
 
@@ -239,6 +245,7 @@ class SegmentFemurWidget(QWidget):
         self._store.changed.connect(self._on_store_changed)
         self.destroyed.connect(self._disconnect_store)
         self._fill_models()
+        reset_view_when_shown(self, self.viewer)
 
     # ------------------------------------------------------------------ models
     def _disconnect_store(self, *_: Any) -> None:
@@ -301,6 +308,8 @@ class SegmentFemurWidget(QWidget):
         self.model_path.set_path(path)
 
     def _describe(self) -> None:
+        if self.worker is None:  # a new model: an old run's message no longer applies
+            self.status.setText("")
         path = self.selected_model_path()
         if path is None:
             self.model_info.setText(NO_MODEL_HELP)
@@ -401,8 +410,8 @@ class SegmentFemurWidget(QWidget):
         self.status.setText(
             f"Done: {int(np.count_nonzero(mask_layer.data))} femur voxels at threshold {pred.threshold:.3f}."
         )
-        self.threshold_panel.set_probability_layer(prob_layer, threshold=pred.threshold,
-                                                   cleanup=self.cleanup_check.isChecked())
+        self.threshold_panel.set_probability_layer(prob_layer)
+        reset_view(self.viewer)
         self.segmented.emit((prob_layer, mask_layer))
 
     def _add_result_layers(self, image_layer: Any, pred: "Prediction", model: "LoadedModel") -> tuple[Any, Any]:
@@ -410,8 +419,7 @@ class SegmentFemurWidget(QWidget):
         import napari
 
         world = world_affine(image_layer)
-        prob_name = f"{image_layer.name} femur probability"
-        mask_name = f"{image_layer.name} femur mask"
+        prob_name, mask_name = prediction_names(image_layer.name)
         common = {
             "image_layer": image_layer.name,
             "model": os.fspath(model.path) if model.path is not None else None,
@@ -440,5 +448,6 @@ class SegmentFemurWidget(QWidget):
             mask_layer.metadata = mask_meta
             mask_layer.data = mask
         else:
-            mask_layer = self.viewer.add_labels(mask, name=mask_name, metadata=mask_meta, opacity=0.5, **place)
+            mask_layer = self.viewer.add_labels(mask, name=mask_name, metadata=mask_meta, **place)
+            style_prediction(mask_layer)
         return prob_layer, mask_layer

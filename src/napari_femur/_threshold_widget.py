@@ -2,7 +2,10 @@
 
 The slider thresholds the probability layer in place (``prob >= t``, one
 vectorised comparison into the mask layer's own buffer, then a refresh): the
-network is never re-run. With a reference mask chosen, the precision-recall
+network is never re-run. The threshold belongs to the probability layer, not to
+the panel (:mod:`napari_femur._threshold_state`): the Femur Threshold dock and
+the threshold section of Segment Femur show the same value and move the same
+mask layer, whichever was opened first. With a reference mask chosen, the precision-recall
 curve of the probability map is computed once per (probability, reference)
 pair with :func:`femur_core.metrics.curves_from_histogram`; moving the slider
 only looks up the point of the current threshold in those arrays, so DSC,
@@ -30,13 +33,14 @@ from qtpy.QtWidgets import (
 
 from femur_core.metrics import curves_from_histogram, optimal_threshold
 
-from ._layers import derived_metadata, femur_meta, volume_from_layer, world_affine
+from ._layers import femur_meta, world_affine
 from ._plots import PRCurveCanvas
-from ._qt_utils import LayerComboBox, notify_error, same_placement
+from ._qt_utils import LayerComboBox, notify_error, reset_view_when_shown
+from ._style import colors_legend, show_as_reference_outline
+from ._threshold_state import ThresholdState, threshold_state
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
-    from femur_core.inference import Prediction
     from femur_core.metrics import Curves
 
 __all__ = ["ThresholdWidget", "curve_index", "point_stats"]
@@ -102,11 +106,14 @@ class ThresholdWidget(QWidget):
         The viewer (napari passes it by this name).
     parent : QWidget, optional
         Parent widget.
+    compact : bool
+        Embedded use: no probability chooser (the owner sets the layer).
 
     Signals
     -------
     threshold_applied(float)
-        After the mask layer was updated for a new threshold.
+        After the mask layer was updated for a new threshold (by this panel or
+        by another panel showing the same probability layer).
     """
 
     threshold_applied = Signal(float)
@@ -116,21 +123,20 @@ class ThresholdWidget(QWidget):
         import napari
 
         self.viewer = napari_viewer
-        self._prob: np.ndarray | None = None
-        self._prob_layer: Any = None
-        self._mask_layer: Any = None
-        self._buffer: np.ndarray | None = None
+        self._state: ThresholdState | None = None
         self._curves: "Curves | None" = None
         self._optimal_index: int | None = None
         self._curve_key: tuple | None = None
         self._ref_layer: Any = None
-        self._pred: "Prediction | None" = None
-        self._pred_key: tuple | None = None
 
         self.prob_combo = LayerComboBox(self.viewer, napari.layers.Image, accept=is_probability_layer, parent=self)
         self.prob_combo.setToolTip("Probability map made by Segment Femur")
-        self.ref_combo = LayerComboBox(self.viewer, napari.layers.Labels, none_text="(no reference)", parent=self)
-        self.ref_combo.setToolTip("A reference (manual) femur mask on the same grid: shows the PR curve")
+        self.ref_combo = LayerComboBox(self.viewer, napari.layers.Labels, none_text="(no reference)",
+                                       accept=lambda layer: femur_meta(layer.metadata).get("role") != "prediction"
+                                       and femur_meta(layer.metadata).get("probability_layer") is None,
+                                       parent=self)
+        self.ref_combo.setToolTip("A reference (manual) femur mask on the same grid: shows the PR curve; "
+                                  "it is drawn as an outline over the filled prediction")
 
         self.slider = QSlider(Qt.Horizontal, self)
         self.slider.setRange(0, STEPS)
@@ -149,6 +155,10 @@ class ThresholdWidget(QWidget):
         self.optimal_button = QPushButton("Jump to optimal", self)
         self.optimal_button.setToolTip("Move to the PRC-optimal threshold (closest to precision = recall = 1)")
         self.optimal_button.setEnabled(False)
+        self.legend = QLabel(colors_legend(), self)
+        self.legend.setTextFormat(Qt.RichText)
+        self.legend.setToolTip("Layer colours: predicted masks are filled in orange, references drawn as "
+                               "blue outlines (left femur: purple / green)")
         self.stats_label = QLabel("", self)
         self.stats_label.setWordWrap(True)
         self.stats_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -156,7 +166,9 @@ class ThresholdWidget(QWidget):
 
         form = QFormLayout()
         form.setContentsMargins(0, 0, 0, 0)
-        if not compact:
+        if compact:
+            self.prob_combo.hide()
+        else:
             form.addRow("probability", self.prob_combo)
         form.addRow("reference", self.ref_combo)
         row = QHBoxLayout()
@@ -171,6 +183,7 @@ class ThresholdWidget(QWidget):
         buttons.addWidget(self.cleanup_check, 1)
         buttons.addWidget(self.optimal_button)
         lay.addLayout(buttons)
+        lay.addWidget(self.legend)
         lay.addWidget(self.stats_label)
         lay.addWidget(self.canvas, 1)
 
@@ -178,10 +191,14 @@ class ThresholdWidget(QWidget):
         self.slider.sliderReleased.connect(self._on_released)
         self.spin.valueChanged.connect(self._on_spin)
         self.spin.editingFinished.connect(self._on_released)
+        self.cleanup_check.toggled.connect(self._on_cleanup_toggled)
         self.optimal_button.clicked.connect(self.jump_to_optimal)
         self.prob_combo.layer_changed.connect(self._on_prob_layer)
         self.ref_combo.layer_changed.connect(self._on_ref_layer)
+        self.destroyed.connect(self._disconnect_state)
         self._on_prob_layer(self.prob_combo.current_layer())
+        if parent is None:  # a dock of its own
+            reset_view_when_shown(self, self.viewer)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -189,8 +206,13 @@ class ThresholdWidget(QWidget):
         """The current threshold in [0, 1]."""
         return self.slider.value() / STEPS
 
+    @property
+    def state(self) -> ThresholdState | None:
+        """The shared threshold state of the probability layer shown (None without one)."""
+        return self._state
+
     def set_threshold(self, t: float, cleanup: bool | None = None) -> None:
-        """Move the slider to ``t`` (snapped to 1/1000), update mask, scores and curve point.
+        """Move the threshold to ``t`` (snapped to 1/1000): mask, scores and curve point follow.
 
         Parameters
         ----------
@@ -207,19 +229,10 @@ class ThresholdWidget(QWidget):
         if cleanup if cleanup is not None else self.cleanup_check.isChecked():
             self._apply_cleanup()
 
-    def set_probability_layer(self, layer: Any, threshold: float | None = None, cleanup: bool | None = None) -> None:
-        """Select ``layer`` (made by Segment Femur) and reload its cached data.
-
-        ``threshold`` moves the slider without recomputing the mask (the
-        segmentation just made it).
-        """
+    def set_probability_layer(self, layer: Any) -> None:
+        """Show ``layer`` (made by Segment Femur); the threshold is the layer's own."""
         self.prob_combo.set_layer(layer)
         self._on_prob_layer(layer, force=True)
-        if cleanup is not None:
-            self.cleanup_check.setChecked(cleanup)
-        if threshold is not None:
-            self._set_slider_silently(threshold)
-            self._update_stats()
 
     def current_point(self) -> dict[str, float] | None:
         """Scores at the current threshold (None without a reference mask)."""
@@ -241,8 +254,16 @@ class ThresholdWidget(QWidget):
 
     @property
     def mask_layer(self) -> Any:
-        """The labels layer the slider writes into."""
-        return self._mask_layer
+        """The labels layer the slider writes into (None before there is one)."""
+        return None if self._state is None else self._state.mask_layer()
+
+    @property
+    def _prob_layer(self) -> Any:
+        return None if self._state is None else self._state.layer
+
+    @property
+    def _prob(self) -> np.ndarray | None:
+        return None if self._state is None or self._state.layer is None else self._state.prob
 
     def jump_to_optimal(self) -> None:
         """Move the slider to the PRC-optimal threshold."""
@@ -252,67 +273,68 @@ class ThresholdWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _on_prob_layer(self, layer: Any, force: bool = False) -> None:
-        if layer is self._prob_layer and not force and self._prob is not None:
+        if self._state is not None and layer is self._state.layer and not force:
             return
-        self._disconnect_prob()
-        self._prob_layer = layer
-        self._prob = None
-        self._pred = None
-        self._mask_layer = None
-        self._buffer = None
+        self._disconnect_state()
+        self._state = None
         self._curve_key = None
         if layer is not None:
-            prob = np.asarray(layer.data)
-            if prob.dtype != np.float32:
-                prob = prob.astype(np.float32)
-            self._prob = prob
-            self._buffer = np.empty(prob.shape, dtype=bool)
-            layer.events.data.connect(self._on_prob_data)
-            meta = femur_meta(layer.metadata)
-            if "threshold" in meta:
-                self._set_slider_silently(float(meta["threshold"]))
-            if "cleanup" in meta:
-                self.cleanup_check.setChecked(bool(meta["cleanup"]))
-            self._mask_layer = self._find_mask_layer(layer)
+            state = threshold_state(self.viewer, layer)
+            self._state = state
+            state.changed.connect(self._on_state_changed)
+            state.cleanup_changed.connect(self._on_state_cleanup)
+            state.data_changed.connect(self._on_state_data)
+            self._set_slider_silently(state.threshold)
+            self.cleanup_check.blockSignals(True)
+            self.cleanup_check.setChecked(state.cleanup)
+            self.cleanup_check.blockSignals(False)
         self.slider.setEnabled(layer is not None)
         self.spin.setEnabled(layer is not None)
         self._update_curves()
 
-    def _disconnect_prob(self) -> None:
-        if self._prob_layer is not None:
+    def _disconnect_state(self, *_: Any) -> None:
+        state = self._state
+        if state is None:
+            return
+        for sig, slot in ((state.changed, self._on_state_changed), (state.cleanup_changed, self._on_state_cleanup),
+                          (state.data_changed, self._on_state_data)):
             try:
-                self._prob_layer.events.data.disconnect(self._on_prob_data)
+                sig.disconnect(slot)
             except Exception:  # pragma: no cover
                 pass
 
-    def _on_prob_data(self, *_: Any) -> None:
-        self._on_prob_layer(self._prob_layer, force=True)
+    def _alive(self) -> bool:
+        try:
+            self.objectName()
+            return True
+        except RuntimeError:  # the Qt side is gone (viewer closed)
+            self._disconnect_state()
+            return False
 
-    def _find_mask_layer(self, prob_layer: Any) -> Any:
-        import napari
+    def _on_state_changed(self, t: float) -> None:
+        """The shared threshold moved (here or in another panel): follow it."""
+        if not self._alive():
+            return
+        self._set_slider_silently(t)
+        self._update_stats()
+        self.threshold_applied.emit(float(t))
 
-        name = femur_meta(prob_layer.metadata).get("mask_layer")
-        if name and name in self.viewer.layers:
-            cand = self.viewer.layers[name]
-            if isinstance(cand, napari.layers.Labels) and cand.data.shape == self._prob.shape:
-                return cand
-        return None
+    def _on_state_cleanup(self, on: bool) -> None:
+        if not self._alive():
+            return
+        self.cleanup_check.blockSignals(True)
+        self.cleanup_check.setChecked(on)
+        self.cleanup_check.blockSignals(False)
 
-    def _ensure_mask_layer(self) -> Any:
-        """The mask layer, created next to the probability layer when missing."""
-        if self._mask_layer is not None and self._mask_layer in self.viewer.layers:
-            return self._mask_layer
-        prob_layer = self._prob_layer
-        base = prob_layer.name.removesuffix(" probability").removesuffix(" femur") or prob_layer.name
-        name = f"{base} femur mask"
-        meta = derived_metadata(prob_layer.metadata, world_affine(prob_layer), role="mask")
-        layer = self.viewer.add_labels(
-            np.zeros(self._prob.shape, dtype=np.uint8), name=name, metadata=meta, opacity=0.5,
-            **same_placement(prob_layer),
-        )
-        prob_layer.metadata.setdefault("femur", {})["mask_layer"] = layer.name
-        self._mask_layer = layer
-        return layer
+    def _on_state_data(self) -> None:
+        if not self._alive():
+            return
+        self._curve_key = None
+        self._update_curves()
+
+    def _on_cleanup_toggled(self, on: bool) -> None:
+        if self._state is not None:
+            self._state.set_cleanup(on)
 
     def _on_ref_layer(self, layer: Any) -> None:
         if self._ref_layer is not None:
@@ -321,16 +343,18 @@ class ThresholdWidget(QWidget):
                     ev.disconnect(self._on_ref_edited)
                 except Exception:  # pragma: no cover
                     pass
+            if self._ref_layer in self.viewer.layers:
+                show_as_reference_outline(self._ref_layer, False)
         self._ref_layer = layer
         if layer is not None:
             layer.events.data.connect(self._on_ref_edited)
             layer.events.paint.connect(self._on_ref_edited)
+            show_as_reference_outline(layer, True)
         self._update_curves()
 
     def _on_ref_edited(self, *_: Any) -> None:
         self._curve_key = None
         self._update_curves()
-
     # ------------------------------------------------------------------ curves
     def _update_curves(self) -> None:
         ref_layer = self.ref_combo.current_layer()
@@ -404,58 +428,22 @@ class ThresholdWidget(QWidget):
             self._apply_cleanup()
 
     def _apply(self, t: float) -> None:
-        """Threshold the cached probability map into the mask layer, in place."""
-        if self._prob is None or self._prob_layer is None:
+        """Move the shared threshold (it writes the mask layer; every panel follows)."""
+        if self._state is None or self._state.layer is None:
             return
         try:
-            mask_layer = self._ensure_mask_layer()
-            np.greater_equal(self._prob, np.float32(t), out=self._buffer)
-            data = mask_layer.data
-            if isinstance(data, np.ndarray) and data.shape == self._buffer.shape and data.flags.writeable:
-                np.copyto(data, self._buffer, casting="unsafe")
-                mask_layer.refresh()
-            else:
-                mask_layer.data = self._buffer.astype(np.uint8)
-            femur_meta_entry = mask_layer.metadata.setdefault("femur", {})
-            femur_meta_entry["threshold"] = float(t)
-            self._prob_layer.metadata.setdefault("femur", {})["threshold"] = float(t)
+            self._state.set_threshold(t)
         except Exception as exc:  # never let a slider move crash the viewer
             notify_error(exc, "threshold")
-            return
-        self._update_stats()
-        self.threshold_applied.emit(float(t))
 
     def _apply_cleanup(self) -> None:
-        """Keep one component per hip side at the current threshold (femur_core's ``Prediction.mask_at``).
-
-        The probability layer's voxels become a Prediction on the layer's own
-        grid (its affine gives the left-right axis and the image layer the body
-        midline), so the cleanup is right for a layer in any orientation.
-        """
-        if self._prob is None or self._mask_layer is None:
+        """Keep one component per hip side at the current threshold (femur_core postprocess)."""
+        if self._state is None:
             return
         try:
-            cleaned = self._prediction().mask_at(self.threshold, cleanup=True).data
-            np.copyto(self._mask_layer.data, cleaned, casting="unsafe")
-            self._mask_layer.refresh()
+            self._state.apply_cleanup()
         except Exception as exc:
             notify_error(exc, "cleanup")
-
-    def _prediction(self) -> "Prediction":
-        """The cached probability map as a femur_core Prediction (built once per probability layer)."""
-        from femur_core.inference import Prediction
-
-        key = (id(self._prob_layer), id(self._prob))
-        if self._pred_key != key or self._pred is None:
-            prob = volume_from_layer(self._prob_layer).with_data(self._prob)
-            image = None
-            name = femur_meta(self._prob_layer.metadata).get("image_layer")
-            if name and name in self.viewer.layers:
-                cand = volume_from_layer(self.viewer.layers[name])
-                if cand.shape == prob.shape and np.allclose(cand.affine, prob.affine, atol=1e-3):
-                    image = cand
-            self._pred, self._pred_key = Prediction.from_probability(prob, image, self.threshold), key
-        return self._pred
 
     def _update_stats(self) -> None:
         if self._prob_layer is None:
