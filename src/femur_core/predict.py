@@ -6,6 +6,13 @@ gives ``<name>_prob.nii.gz`` (femur probability, stored as uint8 in 1/255 steps
 with the NIfTI scaling slope) and ``<name>_mask.nii.gz`` in DIR, on the input's
 own grid with its affine. ``--format`` writes the mask as NRRD, MHA or a DICOM
 SEG referencing the source series instead (or as well: ``--format nii.gz,seg``).
+Beside it: ``<name>_sides.nii.gz`` (1 = the subject's right femur, 2 = the left,
+from the scan's orientation) and ``<name>_uncertainty.nii.gz`` (the disagreement
+of the model's views, 0 - 1 in 1/255 steps); one row per scan is appended to
+``femur_measurements.csv`` (per-femur volumes in mL and voxels, threshold, model,
+uncertainty score; safe to share between shards). ``--mesh`` adds
+``<name>_femur_right.stl`` / ``.ply`` (and left) in world millimetres (RAS+), and
+``--report`` writes ``report.html``, a cohort page sorted worst first.
 ``--series UID-or-number`` picks one series of a DICOM folder that holds several. Existing outputs are kept unless ``--overwrite``.
 ``--shard i/n`` processes a deterministic 1/n of the inputs; ``--summary``
 lists what is done, missing or failed.
@@ -22,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis import LABEL_NAMES, append_csv_rows, check_csv_header, measurement_row, side_labels
 from .cli import TqdmProgress, dump_json, run_main
 from .errors import FemurError, InputError
 from .export import MASK_FORMATS, output_path, write_mask
 from .inference import load_model, predict_volume
+from .uncertainty import predict_with_views
 from .volume_io import NIFTI_SUFFIXES, PROB_SLOPE, TIFF_SUFFIXES, atomic_write_bytes, read_volume, write_volume
 
 __all__ = ["main", "expand_inputs", "output_name", "select_shard"]
@@ -43,7 +52,7 @@ def expand_inputs(items: list[str]) -> list[Path]:
         p = Path(it)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.name.lower().endswith(NIFTI_SUFFIXES + TIFF_SUFFIXES)
-                           and not re.search(r"_(femur|bones|mask|prob)\.nii", f.name))
+                           and not re.search(r"_(femur|bones|mask|prob|sides|uncertainty)\.nii", f.name))
             out.extend(files if files else [p])
         else:
             out.append(p)
@@ -85,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     ap.add_argument("--shard", help="i/n: process only shard i of n (0-based)")
     ap.add_argument("--summary", action="store_true", help="list done / missing / failed inputs and exit")
+    ap.add_argument("--csv", help="measurements table to append to (default: OUT/femur_measurements.csv)")
+    ap.add_argument("--no-uncertainty", action="store_true",
+                    help="no uncertainty map / score (the views are averaged as usual)")
+    ap.add_argument("--mesh", action="store_true", help="also write a surface per femur as STL and PLY (mm, RAS+)")
+    ap.add_argument("--mesh-smooth", type=int, default=10, metavar="N",
+                    help="Taubin smoothing iterations of the meshes, volume kept (default 10; 0: none)")
+    ap.add_argument("--report", action="store_true", help="write OUT/report.html: the cohort, worst first")
     return ap
 
 
@@ -134,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         i, n = _parse_shard(args.shard)
         inputs = select_shard(inputs, i, n)
     model = load_model(args.model)
+    csv_path = Path(args.csv) if args.csv else out / "femur_measurements.csv"
+    check_csv_header(csv_path)  # another table there: stop before any work
     bar = TqdmProgress()
     n_fail = 0
     for p in inputs:
@@ -148,13 +166,21 @@ def main(argv: list[str] | None = None) -> int:
         written: list[Path] = []
         try:
             image = read_volume(p, series=args.series)
-            pred = predict_volume(model, image, flip_tta=not args.no_tta, cleanup=not args.no_cleanup,
-                                  threshold=args.threshold, device=args.device, precision=args.precision,
-                                  progress=bar)
+            opts = dict(flip_tta=not args.no_tta, cleanup=not args.no_cleanup, threshold=args.threshold,
+                        device=args.device, precision=args.precision, progress=bar)
+            if args.no_uncertainty:
+                pred, views = predict_volume(model, image, **opts), None
+            else:
+                views = predict_with_views(model, image, **opts)
+                pred = views.prediction
+                if views.n_views < 2:  # one view (--no-tta, one network): nothing to compare
+                    views = None
             bar.close()
             written.append(write_volume(pred.prob, prob_path, overwrite=args.overwrite, dtype=np.uint8, slope=PROB_SLOPE))
             for m in mask_paths:
                 written.append(write_mask(pred.mask, m, source=image, overwrite=args.overwrite))
+            row = _write_analysis(out, name, p, pred, views, model, args, written)
+            append_csv_rows(csv_path, [row])  # last: a row only for a scan whose outputs all exist
         except BaseException as exc:
             for w in written:  # never leave half a result (a prob map without its mask)
                 w.unlink(missing_ok=True)
@@ -171,10 +197,36 @@ def main(argv: list[str] | None = None) -> int:
             continue
         atomic_write_bytes(_status_path(out, name), dump_json({"input": str(p), "error": None,
                                                                "seconds": time.perf_counter() - t0}), overwrite=True)
-        vox = int(pred.mask.data.sum())
-        ml = vox * float(np.prod(image.spacing)) / 1000
-        print(f"{mask_path}  femur {ml:.1f} ml, threshold {pred.threshold:.3f}, {time.perf_counter() - t0:.1f} s")
+        unc = f", uncertainty {row['uncertainty']}" if row["uncertainty"] else ""
+        print(f"{mask_path}  femur right {row['right_ml']} ml, left {row['left_ml']} ml, "
+              f"threshold {pred.threshold:.3f}{unc}, {time.perf_counter() - t0:.1f} s")
+    if args.report and csv_path.exists():
+        from .cohort_report import write_cohort_report
+
+        print(f"report: {write_cohort_report(out, csv_path=csv_path)}")
     return 2 if n_fail else 0
+
+
+def _write_analysis(out: Path, name: str, src: Path, pred, views, model, args, written: list[Path]) -> dict:
+    """Label map, uncertainty map and meshes of one scan (appended to ``written``); its CSV row."""
+    from datetime import datetime, timezone
+
+    labels = side_labels(pred.mask)
+    written.append(write_volume(labels, out / f"{name}_sides.nii.gz", overwrite=args.overwrite, dtype=np.uint8))
+    if views is not None:
+        written.append(write_volume(views.uncertainty, out / f"{name}_uncertainty.nii.gz", overwrite=args.overwrite,
+                                    dtype=np.uint8, slope=PROB_SLOPE))
+    if args.mesh:
+        from .mesh import femur_meshes, save_mesh
+
+        for k, mesh in femur_meshes(labels, smooth_iterations=args.mesh_smooth).items():
+            side = LABEL_NAMES[k].split()[0]
+            for ext in ("stl", "ply"):
+                written.append(save_mesh(mesh, out / f"{name}_femur_{side}.{ext}", overwrite=args.overwrite))
+    return measurement_row(
+        name, labels, input_path=str(src.resolve()), threshold=pred.threshold,
+        model=str(getattr(model, "path", "") or ""), uncertainty=None if views is None else views.score,
+        written_utc=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Uncertainty from the disagreement of the model's own views of a scan.
+
+A prediction averages several *views*: the scan and its left-right mirror
+(flip averaging), and, where the model is an ensemble, every member network's
+pair of them (``LoadedModel.members``). Where the views agree the average is
+trustworthy; where they disagree a reviewer should look.
+:func:`predict_with_views` keeps the views apart and returns, next to the very
+prediction :func:`femur_core.inference.predict_volume` gives:
+
+- a per-voxel map, :func:`view_disagreement`: twice the standard deviation
+  of the views' femur probabilities (0: all agree; 1: half say 0, half say 1);
+- a per-scan score, :func:`scan_score`: one minus the mean pairwise Dice
+  coefficient of the views' masks (each view thresholded like the
+  prediction), i.e. how far the views are from segmenting the same femur, on
+  the scale of the error it is meant to flag (1 - DSC against a reference);
+- :func:`slice_order`: coronal slices, most uncertain first (the "next
+  uncertain slice" a reviewer should look at).
+
+Whether the score ranks scans by their actual error is measured on the
+cross-validation of the development data: bench/uncertainty.py and
+bench/README.md ("Does the uncertainty score predict the error?").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+
+from .progress import CancelToken, ProgressCallback
+from .volume import Volume
+
+__all__ = ["ViewPrediction", "predict_with_views", "view_disagreement", "scan_score", "slice_order",
+           "model_members"]
+
+
+def model_members(model) -> list:
+    """The member networks of a loaded model (one for a single network, k for an ensemble)."""
+    members = getattr(model, "members", None)
+    return list(members) if members else [model.net]
+
+
+def view_disagreement(views: list[np.ndarray]) -> np.ndarray:
+    """Per-voxel disagreement of probability maps: twice their standard deviation, in [0, 1].
+
+    One view gives zeros (nothing to compare).
+    """
+    if len(views) < 2:
+        return np.zeros_like(np.asarray(views[0], dtype=np.float32))
+    stack = np.stack([np.asarray(v, dtype=np.float32) for v in views])
+    return np.clip(2.0 * stack.std(axis=0), 0.0, 1.0).astype(np.float32)
+
+
+def scan_score(views: list[np.ndarray], threshold: float) -> float:
+    """One minus the mean pairwise Dice coefficient of the views' masks at ``threshold``.
+
+    0 when every view gives the same mask; NaN for a single view. Pairs where
+    both views are empty count as agreeing (DSC 1).
+    """
+    if len(views) < 2:
+        return float("nan")
+    masks = [np.asarray(v) >= threshold for v in views]
+    dscs = []
+    for a, b in combinations(masks, 2):
+        sa, sb = int(a.sum()), int(b.sum())
+        dscs.append(1.0 if sa + sb == 0 else 2.0 * int(np.logical_and(a, b).sum()) / (sa + sb))
+    return float(1.0 - np.mean(dscs))
+
+
+def slice_order(uncertainty: np.ndarray, axis: int = 0, min_fraction: float = 0.0) -> np.ndarray:
+    """Slice indices along ``axis``, most uncertain (largest summed disagreement) first.
+
+    Slices whose sum is at most ``min_fraction`` of the largest are left out
+    (all slices with any disagreement are kept by default); empty when the map is all zero.
+    """
+    u = np.asarray(uncertainty, dtype=np.float64)
+    per = u.sum(axis=tuple(i for i in range(u.ndim) if i != axis))
+    top = per.max() if per.size else 0.0
+    if top <= 0:
+        return np.zeros(0, dtype=int)
+    keep = np.flatnonzero(per > min_fraction * top)
+    return keep[np.argsort(-per[keep], kind="stable")]
+
+
+@dataclass
+class ViewPrediction:
+    """A prediction with its views' disagreement.
+
+    Attributes
+    ----------
+    prediction : femur_core.inference.Prediction
+        The same probability map and mask as ``predict_volume`` with the same options.
+    uncertainty : Volume
+        Per-voxel disagreement (float32, 0 - 1) on the scan's own grid.
+    score : float
+        Per-scan score (:func:`scan_score`); NaN with a single view.
+    view_names : list of str
+        ``"member<j>"`` / ``"member<j> flipped"`` per view.
+    """
+
+    prediction: object
+    uncertainty: Volume
+    score: float
+    view_names: list[str] = field(default_factory=list)
+
+    @property
+    def n_views(self) -> int:
+        return len(self.view_names)
+
+
+def predict_with_views(
+    model,
+    image: Volume,
+    *,
+    flip_tta: bool = True,
+    cleanup: bool = True,
+    threshold: float | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> ViewPrediction:
+    """Segment a scan like :func:`femur_core.inference.predict_volume`, keeping the views apart.
+
+    The views are the member networks (one, or k for an ensemble) times the
+    scan and its left-right mirror (with ``flip_tta``). Their mean is the
+    probability map ``predict_volume`` returns (same order of operations, so
+    the same numbers); threshold and cleanup are the same too.
+    """
+    from .inference import Prediction, body_midline, predict_array, resolve_amp, resolve_device
+    from .preprocess import prepare
+    from .volume import from_canonical, to_canonical
+    from .volume_io import check_image
+
+    image = check_image(image)
+    dev = resolve_device(device)
+    amp = resolve_amp(precision, dev)
+    prep = prepare(image, model.grid)
+    x = prep.image
+    x_flip = np.ascontiguousarray(x[:, :, ::-1])
+    views, names, prob_m = [], [], None
+    for j, net in enumerate(model_members(model)):
+        kw = dict(device=dev, amp=amp, flip_tta=False, progress=progress, cancel=cancel)
+        a = predict_array(net, model.model_config, x, **kw)
+        views.append(a)
+        names.append(f"member{j}")
+        if flip_tta:
+            b = np.ascontiguousarray(predict_array(net, model.model_config, x_flip, **kw)[:, :, ::-1])
+            views.append(b)
+            names.append(f"member{j} flipped")
+            p_j = np.ascontiguousarray(0.5 * (a + b), dtype=np.float32)  # as predict_array(flip_tta=True)
+        else:
+            p_j = a
+        prob_m = p_j if prob_m is None else prob_m + p_j
+    n_members = len(views) // (2 if flip_tta else 1)
+    if n_members > 1:
+        prob_m = prob_m / n_members
+    thr = model.threshold if threshold is None else float(threshold)
+    prob_c = prep.restore_canonical(prob_m)
+    midline = body_midline(to_canonical(image)[0].data)
+    views_c = [prep.restore_canonical(v) for v in views]
+    u_c = view_disagreement(views_c)
+    score = scan_score(views_c, thr)
+    unc = from_canonical(u_c, prep.reorientation)
+    unc.source = image.source
+    unc.meta.update({"score": score, "views": list(names)})
+    pred = Prediction(prob_c, prep.reorientation, midline, thr, cleanup, image.source)
+    return ViewPrediction(pred, unc, score, names)
