@@ -110,7 +110,7 @@ def _pick_slices(lab: np.ndarray, n: int, unc: np.ndarray | None) -> tuple[list[
 
 
 def montage_png(image: Volume, labels: Volume, uncertainty: Volume | None = None, n: int = 4,
-                margin_mm: float = 25.0, height_px: int = 190) -> bytes:
+                margin_mm: float = 25.0, height_px: int = 260) -> bytes:
     """PNG bytes of ``n`` coronal slices (radiological view) with the femur outlines.
 
     The in-plane view is cropped to the femurs plus ``margin_mm``; slices are
@@ -137,20 +137,23 @@ def montage_png(image: Volume, labels: Volume, uncertainty: Volume | None = None
     vmin, vmax = (float(np.percentile(vals, 1)), float(np.percentile(vals, 99.5))) if vals.size else (0.0, 1.0)
     h_mm, w_mm = (hi[0] - lo[0]) * sp[1], (hi[1] - lo[1]) * sp[2]
     panel_w = max(0.6, w_mm / max(h_mm, 1e-6))
+    ncols = len(picks) if panel_w * len(picks) <= 9 else max(1, int(np.ceil(len(picks) / 2)))
+    nrows = int(np.ceil(len(picks) / ncols))
     dpi = 100
-    fig = Figure(figsize=(panel_w * len(picks) * height_px / dpi, height_px / dpi + 0.25), dpi=dpi)
+    fig = Figure(figsize=(panel_w * ncols * height_px / dpi, nrows * (height_px / dpi + 0.3)), dpi=dpi)
     for i, z in enumerate(picks):
-        ax = fig.add_subplot(1, len(picks), i + 1)
+        ax = fig.add_subplot(nrows, ncols, i + 1)
         ax.imshow(img_c.data[z, rows, cols], cmap="gray", vmin=vmin, vmax=max(vmax, vmin + 1e-6),
                   aspect=sp[1] / sp[2], interpolation="bilinear")
         for k, colour in SIDE_COLOURS.items():
             m = lab_c[z, rows, cols] == k
             if m.any():
                 ax.contour(m.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
-        ax.set_title(f"slice {z}" + (" (most uncertain)" if z == worst else ""), fontsize=7,
+        ax.set_title(f"slice {z}" + (" (most uncertain)" if z == worst else ""), fontsize=9 * max(1.0, panel_w * ncols / 3),
                      color="#b00020" if z == worst else "black", pad=2)
         ax.set_axis_off()
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=0.9, wspace=0.02)
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=1 - 0.3 / (height_px / dpi + 0.3) / nrows,
+                        wspace=0.02, hspace=0.12)
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
@@ -162,7 +165,7 @@ h1{font-size:20px;margin:0 0 4px} p.sub{color:#555;margin:0 0 12px;font-size:13p
 table{border-collapse:collapse;width:100%} th,td{border-bottom:1px solid #ddd;padding:4px 6px;
 text-align:left;vertical-align:top;font-size:13px} th{background:#f3f3f3;position:sticky;top:0}
 td.num{text-align:right;font-variant-numeric:tabular-nums} .flag{color:#b00020;font-weight:600}
-.note{color:#555} img{display:block;max-width:760px;height:auto} .rank{color:#888}
+.note{color:#555} img{display:block;max-width:100%;height:auto} td.thumb{width:62%} .rank{color:#888}
 .key span{display:inline-block;width:12px;height:3px;margin:0 4px 3px 8px;vertical-align:middle}
 """
 
@@ -209,7 +212,7 @@ def write_cohort_report(pred_dir: "str | os.PathLike", *, csv_path: "str | os.Pa
             "<tr>" + f'<td class="rank">{rank}</td>' + f"<td><b>{html.escape(e.scan)}</b>{flags}</td>"
             + _cell(unc_txt, True) + _cell(r.get("right_ml", ""), True) + _cell(r.get("left_ml", ""), True)
             + _cell(f"{r.get('right_voxels', '')} / {r.get('left_voxels', '')}", True)
-            + _cell(r.get("threshold", ""), True) + f"<td>{thumb}</td></tr>")
+            + _cell(r.get("threshold", ""), True) + f'<td class="thumb">{thumb}</td></tr>')
     models = sorted({r.get("model", "") for r in rows if r.get("model")})
     page = (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
