@@ -131,20 +131,47 @@ def test_effective_config_falls_back_without_label_maps(aux_folder, tmp_path):
         _effective_config(cfg.replace(loss="wce"), with_maps)
 
 
-def test_training_with_label_maps_saves_a_three_class_model(aux_folder, tmp_path):
+def test_training_with_label_maps_saves_a_three_class_model(aux_folder, tmp_path, monkeypatch):
+    """The loss sees three-channel logits and targets holding the "other bone" class 2; the saved model
+    has three outputs; inference reads the femur as softmax channel 1 (not 1 - background, which
+    would count the other bones as femur)."""
+    from femur_core import loss as loss_mod
+    from femur_core.inference import predict_array
+
+    seen = []
+    real = loss_mod.LOSSES["dice_ce"]
+
+    def spy(logits, y):
+        seen.append((logits.shape[1], set(torch.unique(y).tolist())))
+        return real(logits, y)
+
+    monkeypatch.setitem(loss_mod.LOSSES, "dice_ce", spy)
     subjects = [load_subject(f) for f in find_subjects(aux_folder)]
     cfg = TrainConfig(model=default_config("2d-same", features=4, levels=2), grid=GridSpec(), loss="dice_ce",
                       lr=1e-3, batch_size=2, max_epochs=2, min_epochs=1, patience=1, augment=["flip", "affine"],
                       aux_labels=True, device="cpu", precision="fp32")
     res = train_model(subjects[:3], subjects[3:], cfg, tmp_path / "run")
+    assert seen and all(c == 3 for c, _ in seen)
+    assert set().union(*(labels for _, labels in seen)) == {0, 1, 2}  # the label map's class 2 was trained
     saved = TrainConfig.from_dict(load_checkpoint(res.checkpoint)["config"])
     assert saved.aux_labels and saved.model.n_classes == 3
     model = load_model(res.checkpoint)
     assert model.model_config.n_classes == 3
     pred = predict_volume(model, subjects[3].image, device="cpu", precision="fp32")
-    prob = np.asarray(pred.prob.data)
-    assert prob.shape == subjects[3].image.shape
-    assert np.all((prob >= 0) & (prob <= 1))  # channel 1 of a 3-class softmax: a femur probability
+    assert pred.prob.shape == subjects[3].image.shape
+    # the femur probability is softmax channel 1 of the three outputs, slice by slice
+    prep = prepare(subjects[3].image, model.grid)
+    prob = predict_array(model.net, model.model_config, prep.image, flip_tta=False)
+    k = model.model_config.in_slices // 2
+    with torch.no_grad():
+        for z in range(prep.image.shape[0]):
+            idx = np.clip(np.arange(z - k, z + k + 1), 0, prep.image.shape[0] - 1)
+            x = torch.from_numpy(prep.image[idx][None])
+            H, W = x.shape[-2:]
+            x = torch.nn.functional.pad(x, (0, -W % 2, 0, -H % 2), mode="replicate")  # the net's divisor (2 levels)
+            soft = torch.softmax(model.net.eval()(x).float(), 1)[0, :, :H, :W].numpy()
+            np.testing.assert_allclose(prob[z], soft[1], atol=1e-5)
+            assert not np.allclose(prob[z], 1 - soft[0], atol=1e-3)  # class 2 has mass: it differs
 
 
 def test_a_mixed_folder_trains_on_the_femur_alone_and_says_so(aux_folder, tmp_path):
