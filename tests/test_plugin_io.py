@@ -134,37 +134,37 @@ def test_reader_error_names_the_file(tmp_path):
 
 
 def test_reader_opens_dicom_series_folder(tmp_path):
-    pydicom = gui_import("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    """A DICOM series folder opens as one image whose every voxel sits at its DICOM position (mm):
+    pixel (row r, column c) of the slice at ImagePositionPatient P is at P + c * dx * row direction
+    + r * dy * column direction (LPS), with the slice spacing from the positions, not SliceThickness."""
+    from reliability_utils import write_dicom_series
 
-    series = generate_uid()
     folder = tmp_path / "series"
-    folder.mkdir()
     rows, cols, n = 6, 5, 4
-    for k in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"im{k}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID = meta.MediaStorageSOPClassUID
-        ds.SeriesInstanceUID = series
-        ds.Modality = "MR"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
-        ds.ImagePositionPatient = [0, -4.0 * k, 0]
-        ds.PixelSpacing = [0.8, 0.7]
-        ds.Rows, ds.Columns = rows, cols
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.PixelData = (np.arange(rows * cols, dtype=np.uint16) + 100 * k).tobytes()
-        ds.save_as(str(folder / f"im{k}.dcm"), enforce_file_format=True)
+    geo = write_dicom_series(folder, n=n, rows=rows, cols=cols, iop=(1, 0, 0, 0, 0, -1), first=(10.0, -20.0, 30.0),
+                             step=4.0, pixel_spacing=(0.8, 0.7))
     reader = get_reader(str(folder))
     assert reader is not None
     [(data, kwargs, kind)] = reader(str(folder))
     assert kind == "image"
     assert data.ndim == 3 and sorted(data.shape) == sorted((n, rows, cols))
     assert kwargs["metadata"]["femur"]["source"] == str(folder)
+    row_dir, col_dir = np.asarray(geo["iop"][:3], float), np.asarray(geo["iop"][3:], float)
+    dy, dx = geo["pixel_spacing"]
+    layer_affine = np.asarray(kwargs["affine"])
+    checked = 0
+    for k, px in geo["pixels"].items():
+        for r, c in [(0, 0), (rows - 1, 0), (0, cols - 1), (2, 3)]:
+            lps = geo["first"] + k * geo["step"] * geo["normal"] + c * dx * row_dir + r * dy * col_dir
+            ras = np.array([-lps[0], -lps[1], lps[2], 1.0])
+            idx = np.linalg.solve(layer_affine, RAS_TO_PIL @ ras)[:3]
+            li = tuple(int(round(v)) for v in idx)
+            assert np.allclose(idx, li, atol=1e-4), (k, r, c, idx)
+            assert data[li] == px[r, c], (k, r, c)
+            checked += 1
+    assert checked == 4 * n
+    # the scale is the true spacing: 4 mm between slices (positions), 0.8 / 0.7 mm in-plane
+    assert sorted(np.round(np.linalg.norm(layer_affine[:3, :3], axis=0), 6)) == [0.7, 0.8, 4.0]
 
 
 def test_sample_data_loads(make_napari_viewer):

@@ -122,18 +122,34 @@ def test_segment_adds_aligned_layers_and_threshold_updates_mask_and_curve(
 
 
 def test_rerun_updates_layers_in_place(make_napari_viewer, qtbot, tiny_scan_pair, tiny_checkpoint):
+    """A second run with other settings updates the DATA of the same two layers (no duplicates): the
+    probability and mask shown are those of the library for the new settings."""
+    from femur_core import read_volume, to_canonical
+    from femur_core.inference import load_model, predict_volume
+
     viewer = make_napari_viewer()
     image, _ = _open_pair(viewer, tiny_scan_pair)
     widget = SegmentFemurWidget(viewer)
     qtbot.addWidget(widget)  # closed and deleted at the end of the test, not by a later garbage collection
     _use_path(widget, tiny_checkpoint)
     widget.image_combo.set_layer(image)
-    widget.flip_check.setChecked(False)
-    for _ in range(2):
-        with qtbot.waitSignal(widget.segmented, timeout=TIMEOUT_MS):
+    results = []
+    for flip in (True, False):
+        widget.flip_check.setChecked(flip)
+        with qtbot.waitSignal(widget.segmented, timeout=TIMEOUT_MS) as blocker:
             widget.run()
         qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+        prob_layer, mask_layer = blocker.args[0]
+        results.append((prob_layer, mask_layer, np.array(prob_layer.data), np.array(mask_layer.data)))
     assert len(viewer.layers) == 4  # image, reference, probability, mask: no duplicates
+    (p1, m1, prob1, _), (p2, m2, prob2, mask2) = results
+    assert p2 is p1 and m2 is m1  # the same layer objects ...
+    assert not np.array_equal(prob1, prob2)  # ... whose data changed (flip averaging off)
+    expected = predict_volume(load_model(tiny_checkpoint), read_volume(tiny_scan_pair[0]), flip_tta=False,
+                              device="cpu")
+    np.testing.assert_allclose(prob2, to_canonical(expected.prob)[0].data, atol=1e-5)
+    np.testing.assert_array_equal(mask2, to_canonical(expected.mask)[0].data)
+    np.testing.assert_array_equal(np.asarray(m2.data), mask2)
 
 
 def test_cancel_and_errors_become_messages(make_napari_viewer, qtbot, tiny_scan_pair, tiny_checkpoint, tmp_path):

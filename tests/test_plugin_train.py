@@ -187,11 +187,25 @@ def test_add_corrected_mask_writes_next_pair_on_the_source_grid(make_napari_view
     assert [s.id for s in find_subjects(tiny_data_folder)][-2:] == ["sub05", "sub06"]
 
 
-def test_train_on_open_layers_adds_them_to_training(make_napari_viewer, qtbot, tiny_data_folder, tmp_path):
-    """Open image + mask layers as an extra training pair (data folder subjects stay split by fold)."""
+def test_train_on_open_layers_adds_them_to_training(make_napari_viewer, qtbot, tiny_data_folder, tmp_path,
+                                                     monkeypatch):
+    """Open image + mask layers go into the TRAINING subjects (never early stopping), with the layers'
+    own pixels and geometry; the data folder's fold-k subjects stay out of both."""
+    import femur_core.training as training
+    from femur_core import read_volume, to_canonical
+
+    calls = []
+    real_train = training.train_model
+
+    def spy(train, val, *args, **kwargs):
+        calls.append(([s for s in train], [s for s in val]))
+        return real_train(train, val, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train_model", spy)
     viewer = make_napari_viewer()
     [image] = viewer.open(str(tiny_data_folder / "sub01_image.nii.gz"), plugin="napari-femur")
     [mask] = viewer.open(str(tiny_data_folder / "sub01_femur.nii.gz"), plugin="napari-femur")
+    mask.data[0, 0, 0] = 1  # an edit made in napari: the pair trains on the layer, not on the file
     widget = TrainFoldWidget(viewer)
     _tiny_settings(widget, tiny_data_folder, tmp_path / "run")
     widget.epochs.setValue(1)
@@ -204,5 +218,19 @@ def test_train_on_open_layers_adds_them_to_training(make_napari_viewer, qtbot, t
     qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
     entry = blocker.args[0]
     assert entry.path == tmp_path / "run" / "fold0-with-layers" / "best.pt"
+    assert entry.path.exists() and session_models().get(entry.name) is not None
+    [(train, val)] = calls
+    pair = [s for s in train if s.id.startswith("layer:")]
+    assert len(pair) == 1 and not any(s.id.startswith("layer:") for s in val)
+    # the layers' own data on the scan's own grid
+    src_img, src_mask = (read_volume(tiny_data_folder / f"sub01_{k}.nii.gz") for k in ("image", "femur"))
+    np.testing.assert_allclose(to_canonical(pair[0].image)[0].affine, to_canonical(src_img)[0].affine, atol=1e-5)
+    np.testing.assert_array_equal(to_canonical(pair[0].image)[0].data, to_canonical(src_img)[0].data)
+    edited = to_canonical(src_mask)[0].data.copy()
+    edited[0, 0, 0] = 1
+    np.testing.assert_array_equal(to_canonical(pair[0].mask)[0].data, edited)
+    # the fold's test subjects (named in the note) are in neither training nor early stopping
+    used = {s.id for s in train + val if not s.id.startswith("layer:")}
+    kept_out = {f"sub0{i}" for i in range(1, 5)} - used
+    assert kept_out and all(sid in widget.last_outcome.note for sid in kept_out)
     assert "layer pair" in widget.last_outcome.note
-    assert session_models().get(entry.name) is not None
