@@ -35,7 +35,7 @@ def test_manifest_is_valid_and_named():
     assert mf.name == "napari-femur"
     assert mf.display_name == "Femur"
     widgets = {w.display_name for w in mf.contributions.widgets}
-    assert widgets == {"Segment Femur", "Femur Threshold", "Train Fold"}
+    assert widgets == {"Segment Femur", "Femur Threshold", "Train Fold", "Femur Analysis"}
 
 
 def test_installed_plugin_is_discovered_and_validates():
