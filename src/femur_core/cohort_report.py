@@ -5,7 +5,7 @@ Reads the measurements table ``femur_measurements.csv`` that
 for each scan its image (the ``input`` column) and label map
 (``<scan>_sides.nii.gz``, else ``<scan>_mask.nii.gz``). Writes one
 self-contained page (thumbnails embedded as PNG data) with, per scan, a
-montage of coronal slices with the right (orange) and left (cyan) femur
+montage of coronal slices with the right (orange) and left (purple) femur
 outlines, the volumes, the threshold, the model and the uncertainty score.
 Scans come worst first: no femur found, then a femur volume far from the
 cohort's, then by decreasing uncertainty score, so a reviewer can stop
@@ -33,7 +33,7 @@ from .volume import Volume, to_canonical
 __all__ = ["ScanEntry", "cohort_entries", "montage_png", "write_cohort_report", "main"]
 
 #: Outline colours of the right and left femur (also the CSV's and the napari layer's order).
-SIDE_COLOURS = {RIGHT: "#ff9f1c", LEFT: "#2ec4f0"}
+SIDE_COLOURS = {RIGHT: "#e69f00", LEFT: "#cc79a7"}  # the plugin's prediction colours
 
 
 def _float(v: str | None) -> float:
@@ -148,7 +148,7 @@ def montage_png(image: Volume, labels: Volume, uncertainty: Volume | None = None
         for k, colour in SIDE_COLOURS.items():
             m = lab_c[z, rows, cols] == k
             if m.any():
-                ax.contour(m.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
+                ax.contour(m.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.5)
         ax.set_title(f"slice {z}" + (" (most uncertain)" if z == worst else ""), fontsize=9 * max(1.0, panel_w * ncols / 3),
                      color="#b00020" if z == worst else "black", pad=2)
         ax.set_axis_off()
