@@ -234,3 +234,104 @@ def test_train_on_open_layers_adds_them_to_training(make_napari_viewer, qtbot, t
     kept_out = {f"sub0{i}" for i in range(1, 5)} - used
     assert kept_out and all(sid in widget.last_outcome.note for sid in kept_out)
     assert "layer pair" in widget.last_outcome.note
+
+
+def _drain(gen):
+    """Run a worker generator to its end; returns its value."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+def _settings(run_dir):
+    import json
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg.pop("environment")
+    return cfg
+
+
+def test_printed_command_run_as_printed_writes_the_widgets_config(make_napari_viewer, tiny_data_folder, tmp_path,
+                                                                  monkeypatch):
+    """The terminal command, run as printed, gives the widget's config.json and splits.json.
+
+    The budget is "no limit" and the device "cpu": a command without --budget-minutes (the CLI then
+    takes the recipe's budget) or without --device (auto) wrote another config.json.
+    """
+    import json
+    import shlex
+    import subprocess
+    import sys
+
+    import femur_core.cv
+    from femur_core.progress import CancelToken
+
+    from reliability_utils import cli_env
+
+    viewer = make_napari_viewer()
+    widget = TrainFoldWidget(viewer)
+    _tiny_settings(widget, tiny_data_folder, tmp_path / "gui")
+    # the widget's run up to training (config.json and splits.json are written before it)
+    monkeypatch.setattr(femur_core.cv, "run_fold", lambda setup, k, **kw: {"subjects": []})
+    _drain(tw.train_job(widget.current_plan(), CancelToken()))
+
+    prefix = "Same run from a terminal: "
+    assert widget.command.text().startswith(prefix)
+    cmd = shlex.split(widget.command.text()[len(prefix):])
+    assert cmd[:3] == ["python", "-m", "femur_core.cv"]
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "cli")
+    proc = subprocess.run([sys.executable, *cmd[1:]], capture_output=True, text=True, env=cli_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert _settings(tmp_path / "cli") == _settings(tmp_path / "gui")
+    assert _settings(tmp_path / "gui")["train"]["max_minutes"] is None
+    assert (json.loads((tmp_path / "cli" / "splits.json").read_text())
+            == json.loads((tmp_path / "gui" / "splits.json").read_text()))
+    # and the widget's settings are accepted by the run folder the command made (no "settings differ")
+    plan = widget.current_plan()
+    plan.run_dir = tmp_path / "cli"
+    plan.fold = 1
+    _drain(tw.train_job(plan, CancelToken()))
+
+
+def test_training_with_layers_holds_out_the_same_fold_and_writes_splits(make_napari_viewer, tiny_data_folder,
+                                                                        tmp_path, monkeypatch):
+    """fold<k>-with-layers/ trains on the subjects fold<k>/ trains on (stratified split, splits.json written)."""
+    import json
+
+    import femur_core.training
+    from femur_core.cv import setup_run
+    from femur_core.data import Subject, find_subjects, inner_split, load_subjects
+    from femur_core.errors import Cancelled
+    from femur_core.progress import CancelToken
+
+    viewer = make_napari_viewer()
+    widget = TrainFoldWidget(viewer)
+    _tiny_settings(widget, tiny_data_folder, tmp_path / "run")
+    subjects = load_subjects(find_subjects(tiny_data_folder))
+    extra = Subject("layer:x", subjects[0].image, subjects[0].mask)
+    seen = {}
+
+    def fake_train(train, val, cfg, out, **kw):
+        seen["train"], seen["val"] = [s.id for s in train], [s.id for s in val]
+        raise Cancelled("stop here")
+
+    monkeypatch.setattr(femur_core.training, "train_model", fake_train)
+    for seed in range(4):
+        widget.seed.setValue(seed)
+        run = tmp_path / f"run{seed}"
+        plan = widget.current_plan()
+        plan.run_dir, plan.extra = run, [extra]
+        with pytest.raises(Cancelled):
+            _drain(tw.train_job(plan, CancelToken()))
+        splits = json.loads((run / "splits.json").read_text())
+        ref = setup_run(tmp_path / f"ref{seed}", subjects, plan.config, plan.n_folds, seed, "honest",
+                        str(tiny_data_folder.resolve()))
+        assert splits["folds"] == ref.folds
+        k, cfg = plan.fold, plan.config
+        test_ids = ref.folds[k]
+        tr_ids, es_ids = inner_split([i for f in ref.folds if f != test_ids for i in f], cfg.val_fraction,
+                                     cfg.seed + k)  # as cv.run_fold (honest protocol)
+        assert seen == {"train": tr_ids + ["layer:x"], "val": es_ids}
+        assert not set(test_ids) & set(seen["train"] + seen["val"])

@@ -10,14 +10,15 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import Cancelled, FemurError
 from .progress import CancelToken, ProgressEvent
 
 __all__ = ["run_main", "cancel_on_sigint", "TqdmProgress", "environment_info", "add_common_training_args",
-           "config_from_args"]
+           "config_from_args", "config_from_overrides", "config_overrides", "args_from_config"]
 
 
 def cancel_on_sigint() -> CancelToken:
@@ -161,7 +162,7 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="maximum epochs")
     g.add_argument("--min-epochs", type=int)
     g.add_argument("--patience", type=int)
-    g.add_argument("--budget-minutes", type=float, help="wall-clock training budget per model")
+    g.add_argument("--budget-minutes", type=float, help="wall-clock training budget per model (0 = no limit)")
     g.add_argument("--in-plane-spacing", type=float, help="model grid pixel size in mm")
     g.add_argument("--in-plane-size", type=int, help="model grid matrix (the study: 256)")
     g.add_argument("--central-slices", type=int, help="keep the central N slices (the study: 48)")
@@ -173,36 +174,118 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, default_recipe: str):
-    """A TrainConfig: the recipe, then every flag the user gave."""
+    """A TrainConfig: the recipe (``--recipe`` or ``default_recipe``), then every flag the user gave."""
+    return config_from_overrides(getattr(args, "recipe", None) or default_recipe, vars(args))
+
+
+#: Flags copied to a TrainConfig attribute as they are (flag dest -> attribute).
+_PLAIN_FLAGS = {"loss": "loss", "lr": "lr", "lr_schedule": "lr_schedule", "epochs": "max_epochs",
+                "min_epochs": "min_epochs", "patience": "patience", "batch_size": "batch_size",
+                "seed": "seed", "device": "device", "precision": "precision"}
+_GRID_FLAGS = ("in_plane_spacing", "in_plane_size", "central_slices")
+#: Flags that :func:`args_from_config` always writes, so a printed command reads complete.
+ALWAYS_WRITTEN = ("model", "features", "levels", "epochs", "patience", "budget_minutes", "seed", "device")
+
+
+def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
+    """The one way from settings to a TrainConfig, shared by the command lines and the GUI.
+
+    Parameters
+    ----------
+    recipe_name : str
+        A name of :data:`femur_core.training.RECIPES`, the starting point.
+    overrides : mapping
+        Settings by command-line flag name with underscores (``features``,
+        ``budget_minutes``, ``aux_labels`` ...); None values are skipped. Keys
+        that are no training flag (``data``, ``out`` ...) are ignored.
+        ``budget_minutes`` 0 means no limit; ``aux_labels`` is ``"on"`` /
+        ``"off"`` (or a bool); ``augment`` a comma list (or a list).
+
+    Returns
+    -------
+    TrainConfig
+    """
     from .models.registry import default_config
     from .training import recipe
 
-    cfg = recipe(args.recipe or default_recipe)
-    if args.model and args.model != cfg.model.name:
-        cfg.model = default_config(args.model)
-    if args.features:
-        cfg.model.features = args.features
-    if args.levels:
-        cfg.model.levels = args.levels
-    for flag, attr in (("loss", "loss"), ("lr", "lr"), ("lr_schedule", "lr_schedule"), ("epochs", "max_epochs"), ("min_epochs", "min_epochs"),
-                       ("patience", "patience"), ("budget_minutes", "max_minutes"), ("batch_size", "batch_size")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(cfg, attr, v)
-    if args.epochs is not None and args.min_epochs is None:
-        cfg.min_epochs = min(cfg.min_epochs, args.epochs)
-    for flag in ("in_plane_spacing", "in_plane_size", "central_slices"):
-        v = getattr(args, flag, None)
-        if v is not None:
-            setattr(cfg.grid, flag, v)
+    o = {k: v for k, v in overrides.items() if v is not None}
+    cfg = recipe(recipe_name)
+    if o.get("model") and o["model"] != cfg.model.name:
+        cfg.model = default_config(o["model"])
+    if o.get("features"):
+        cfg.model.features = int(o["features"])
+    if o.get("levels"):
+        cfg.model.levels = int(o["levels"])
+    for flag, attr in _PLAIN_FLAGS.items():
+        if flag in o:
+            setattr(cfg, attr, o[flag])
+    if "epochs" in o and "min_epochs" not in o:
+        cfg.min_epochs = min(cfg.min_epochs, o["epochs"])
+    if "budget_minutes" in o:
+        cfg.max_minutes = float(o["budget_minutes"]) or None  # 0 = no limit
+    for flag in _GRID_FLAGS:
+        if flag in o:
+            setattr(cfg.grid, flag, o[flag])
             if flag == "in_plane_size":
                 cfg.grid.in_plane_spacing = None
-    if getattr(args, "aux_labels", None) is not None:
-        cfg.aux_labels = args.aux_labels == "on"
-    if args.augment is not None:
-        cfg.augment = [a for a in args.augment.split(",") if a]
-    cfg.seed, cfg.device, cfg.precision = args.seed, args.device, args.precision
+    if "aux_labels" in o:
+        cfg.aux_labels = o["aux_labels"] in ("on", True)
+    if "augment" in o:
+        aug = o["augment"]
+        cfg.augment = [a for a in (aug.split(",") if isinstance(aug, str) else aug) if a]
     return cfg
+
+
+def config_overrides(cfg) -> dict[str, Any]:
+    """Every training flag's value for ``cfg`` (the inverse of :func:`config_from_overrides`)."""
+    d = {"model": cfg.model.name, "features": cfg.model.features, "levels": cfg.model.levels,
+         "budget_minutes": cfg.max_minutes or 0, "aux_labels": "on" if cfg.aux_labels else "off",
+         "augment": ",".join(cfg.augment)}
+    d.update({flag: getattr(cfg, attr) for flag, attr in _PLAIN_FLAGS.items()})
+    d.update({flag: getattr(cfg.grid, flag) for flag in _GRID_FLAGS})
+    return d
+
+
+def args_from_config(cfg, recipe_name: str, always: tuple[str, ...] = ALWAYS_WRITTEN) -> list[str]:
+    """Command-line flags with which ``--recipe recipe_name`` gives exactly ``cfg``.
+
+    The flags in ``always`` are written every time (``--budget-minutes 0`` for
+    no limit); the others only where ``cfg`` differs from the recipe.
+
+    Raises
+    ------
+    ValueError
+        ``cfg`` holds settings that no flag sets (they are named).
+    """
+    want = config_overrides(cfg)
+    base = config_overrides(config_from_overrides(recipe_name, {}))
+    chosen = {k: v for k, v in want.items() if k in always or v != base[k]}
+    target = cfg.to_dict()
+    for _ in range(3):  # a flag can change another setting (--epochs lowers min_epochs): add what still differs
+        got = config_from_overrides(recipe_name, chosen)
+        if got.to_dict() == target:
+            break
+        have = config_overrides(got)
+        missing = {k: v for k, v in want.items() if have[k] != v and k not in chosen}
+        if not missing:
+            break
+        chosen.update(missing)
+    got_d = got.to_dict()
+    if got_d != target:
+        diff = sorted(k for k in target if got_d.get(k) != target[k])
+        raise ValueError(f"no command-line flag sets {', '.join(diff)}")
+    out = ["--recipe", recipe_name]
+    for k, v in chosen.items():
+        if v is not None:
+            out += [f"--{k.replace('_', '-')}", _flag_value(v)]
+    return out
+
+
+def _flag_value(v: Any) -> str:
+    if isinstance(v, float):
+        short = f"{v:g}"
+        return short if float(short) == v else repr(v)
+    return str(v)
 
 
 def dump_json(obj) -> bytes:

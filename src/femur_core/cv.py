@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed as _dist
-from .cli import (TqdmProgress, add_common_training_args, cancel_on_sigint, config_from_args, dump_json,
-                  environment_info, run_main)
+from .cli import (TqdmProgress, add_common_training_args, args_from_config, cancel_on_sigint, config_from_args,
+                  dump_json, environment_info, run_main)
 from .data import SUBJECT_FILE, Subject, find_subjects, inner_split, load_subjects, make_folds
 from .errors import InputError, OutputExistsError
 from .inference import load_model, predict_volume
@@ -40,7 +40,7 @@ from .report import format_table, write_report
 from .training import TrainConfig, train_model
 from .volume_io import atomic_write_bytes, write_volume
 
-__all__ = ["CVSetup", "setup_run", "run_fold", "main"]
+__all__ = ["CVSetup", "fold_split", "fold_subjects", "cv_command", "setup_run", "run_fold", "main"]
 
 
 @dataclass
@@ -59,6 +59,45 @@ def _check_same(path: Path, new: dict, what: str) -> None:
                                "use a new --out folder (run folders never mix two runs)")
 
 
+def fold_split(subjects: list[Subject], n_folds: int, seed: int = 0) -> list[list[str]]:
+    """The cross-validation folds of a cohort: stratified on femur volume (the one split of CLI and GUI)."""
+    strata = {s.id: volume_ml(s.mask.data, s.mask.spacing) for s in subjects}
+    return make_folds([s.id for s in subjects], n_folds, seed, strata)
+
+
+def fold_subjects(setup: CVSetup, k: int) -> tuple[list[str], list[str], list[str]]:
+    """Subject ids of fold ``k``: (training, early stopping, test).
+
+    Honest protocol: early stopping on an inner split of the training folds;
+    the study's protocol ("paper"): on the test fold itself.
+    """
+    test_ids = list(setup.folds[k])
+    train_ids = [i for f, ids in enumerate(setup.folds) if f != k for i in ids]
+    if setup.protocol == "honest":
+        tr_ids, es_ids = inner_split(train_ids, setup.config.val_fraction, setup.config.seed + k)
+    else:
+        tr_ids, es_ids = train_ids, test_ids
+    return tr_ids, es_ids, test_ids
+
+
+def cv_command(config: TrainConfig, recipe_name: str, *, data: "str | os.PathLike", out: "str | os.PathLike",
+               n_folds: int, fold: int | None = None, protocol: str = "honest") -> list[str]:
+    """The ``python -m femur_core.cv`` command line that runs ``config`` (``seed`` also seeds the split).
+
+    Raises
+    ------
+    ValueError
+        The configuration holds settings no flag sets.
+    """
+    cmd = ["python", "-m", "femur_core.cv", "--data", os.fspath(data), "--out", os.fspath(out),
+           "--folds", str(n_folds)]
+    if fold is not None:
+        cmd += ["--fold", str(fold)]
+    if protocol != "honest":
+        cmd += ["--protocol", protocol]
+    return cmd + args_from_config(config, recipe_name)
+
+
 def setup_run(run_dir: "str | os.PathLike", subjects: list[Subject], config: TrainConfig, n_folds: int = 4,
               seed: int = 0, protocol: str = "honest", data: str | None = None) -> CVSetup:
     """Create (or re-open, for resuming) a run folder with config.json and splits.json."""
@@ -66,9 +105,7 @@ def setup_run(run_dir: "str | os.PathLike", subjects: list[Subject], config: Tra
         raise ValueError("protocol must be 'honest' or 'paper'")
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    ids = [s.id for s in subjects]
-    strata = {s.id: volume_ml(s.mask.data, s.mask.spacing) for s in subjects}
-    folds = make_folds(ids, n_folds, seed, strata)
+    folds = fold_split(subjects, n_folds, seed)
     splits = {"stratified_on": "femur volume (ml), blocks of n_folds dealt at random", "seed": seed,
               "folds": folds}
     settings = {"protocol": protocol, "n_folds": n_folds, "seed": seed, "data": data,
@@ -110,12 +147,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     if done.exists():
         return json.loads(done.read_text())
     cfg = setup.config
-    test_ids = setup.folds[k]
-    train_ids = [i for f, ids in enumerate(setup.folds) if f != k for i in ids]
-    if setup.protocol == "honest":
-        tr_ids, es_ids = inner_split(train_ids, cfg.val_fraction, cfg.seed + k)
-    else:
-        tr_ids, es_ids = train_ids, test_ids
+    tr_ids, es_ids, test_ids = fold_subjects(setup, k)
     res = train_model([setup.subjects[i] for i in tr_ids], [setup.subjects[i] for i in es_ids], cfg, fold_dir,
                       progress=progress, cancel=cancel, resume=True, fold=k)
     if not _dist.is_main():  # torchrun: rank 0 scores and writes; the others read its result

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -42,11 +43,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from femur_core.cli import config_from_overrides
 from femur_core.data import next_subject_id, subject_file
 from femur_core.errors import Cancelled, InputError, OutputExistsError
 from femur_core.models.registry import MODELS, default_config
 from femur_core.progress import CancelToken, ProgressEvent
-from femur_core.training import RECIPES, TrainConfig, recipe
+from femur_core.training import RECIPES, TrainConfig
 
 from ._layers import femur_meta, source_volume, world_affine
 from ._plots import TrainingCurvesCanvas
@@ -195,8 +197,8 @@ def train_job(plan: TrainPlan, cancel: CancelToken,
     -------
     TrainOutcome
     """
-    from femur_core.cv import run_fold, setup_run
-    from femur_core.data import find_subjects, inner_split, load_subjects, make_folds
+    from femur_core.cv import fold_subjects, run_fold, setup_run
+    from femur_core.data import find_subjects, load_subjects
     from femur_core.training import train_model
 
     cfg = plan.config
@@ -212,10 +214,16 @@ def train_job(plan: TrainPlan, cancel: CancelToken,
                 subject_cache.clear()
                 subject_cache[key] = subjects
         cancel.raise_if_cancelled()
-    if subjects and not plan.extra:
-        # exactly `python -m femur_core.cv --data DIR --out RUN --folds K --fold k`
+    fd = plan.fold_dir
+    if not plan.resume and ((fd / "last.pt").exists() or (fd / "result.json").exists()):
+        raise InputError(fd, "this fold was already trained or started here (e.g. from a terminal); press "
+                             "Resume to continue it, or choose another output folder")
+    if subjects:
+        # the run folder, folds and splits.json of `python -m femur_core.cv --data DIR --out RUN --folds K`
         setup = setup_run(plan.run_dir, subjects, cfg, plan.n_folds, plan.seed, "honest",
                           str(plan.data_dir.resolve()))
+    if subjects and not plan.extra:
+        # exactly `python -m femur_core.cv ... --fold k`
         result = yield from iter_progress(run_fold, setup, plan.fold, cancel=cancel)
         dscs = [s["dsc"] for s in result.get("subjects", []) if s.get("dsc") is not None]
         return TrainOutcome(plan.fold_dir / "best.pt", read_history(plan.fold_dir), plan.fold_dir,
@@ -223,15 +231,11 @@ def train_job(plan: TrainPlan, cancel: CancelToken,
                             result.get("stop_reason", ""),
                             f"test subjects of fold {plan.fold}: {', '.join(result.get('test_subjects', []))}")
     if subjects:
-        ids = [s.id for s in subjects]
-        folds = make_folds(ids, plan.n_folds, plan.seed)
-        train_ids = [i for f, fold in enumerate(folds) if f != plan.fold for i in fold]
-        tr_ids, es_ids = inner_split(train_ids, cfg.val_fraction, cfg.seed + plan.fold)
-        by_id = {s.id: s for s in subjects}
-        train = [by_id[i] for i in tr_ids] + list(plan.extra)
-        val = [by_id[i] for i in es_ids]
+        tr_ids, es_ids, test_ids = fold_subjects(setup, plan.fold)
+        train = [setup.subjects[i] for i in tr_ids] + list(plan.extra)
+        val = [setup.subjects[i] for i in es_ids]
         note = (f"{len(plan.extra)} layer pair(s) added to training; fold {plan.fold} subjects "
-                f"({', '.join(folds[plan.fold])}) kept out")
+                f"({', '.join(test_ids)}) kept out")
     else:
         train = list(plan.extra)
         val = list(plan.extra)
@@ -279,7 +283,7 @@ class TrainFoldWidget(QWidget):
         self._cancel: CancelToken | None = None
         self._plan: TrainPlan | None = None
         self._subject_cache: dict = {}
-        self.config_overrides: dict = {}
+        self._config_overrides: dict = {}
         self.last_outcome: TrainOutcome | None = None
 
         # data
@@ -408,12 +412,23 @@ class TrainFoldWidget(QWidget):
         for w in (self.fold, self.n_folds, self.seed, self.features, self.levels, self.epochs, self.patience):
             w.valueChanged.connect(lambda _: self._update_command())
         self.budget.valueChanged.connect(lambda _: self._update_command())
+        self.device_combo.currentTextChanged.connect(lambda _: self._update_command())
         default = "synthetic-quick" if "synthetic-quick" in RECIPES else next(iter(RECIPES))
         self.recipe_combo.setCurrentText(default)
         self._on_recipe(default)
         self._sync_enabled()
 
     # ------------------------------------------------------------------ settings
+    @property
+    def config_overrides(self) -> dict:
+        """Extra TrainConfig fields applied last (setting them updates the terminal command)."""
+        return self._config_overrides
+
+    @config_overrides.setter
+    def config_overrides(self, value: dict) -> None:
+        self._config_overrides = dict(value)
+        self._update_command()
+
     def _on_recipe(self, name: str) -> None:
         if name not in RECIPES:
             return
@@ -437,32 +452,30 @@ class TrainFoldWidget(QWidget):
         self._update_command()
 
     def build_config(self) -> TrainConfig:
-        """The recipe with the widget's model, stopping and device settings."""
-        name = self.model_combo.currentData()
-        base = recipe(self.recipe_combo.currentText())
-        model = base.model if base.model.name == name else default_config(name)
-        model.features, model.levels = self.features.value(), self.levels.value()
-        epochs = self.epochs.value()
-        cfg = base.replace(
-            model=model, max_epochs=epochs, min_epochs=min(base.min_epochs, epochs), patience=self.patience.value(),
-            max_minutes=self.budget.value() or None, seed=self.seed.value(), device=self.device_combo.currentText(),
-        )
+        """The recipe with the widget's settings (femur_core.cli.config_from_overrides, as the CLI)."""
+        cfg = config_from_overrides(self.recipe_combo.currentText(), {
+            "model": self.model_combo.currentData(), "features": self.features.value(),
+            "levels": self.levels.value(), "epochs": self.epochs.value(), "patience": self.patience.value(),
+            "budget_minutes": self.budget.value(), "seed": self.seed.value(),
+            "device": self.device_combo.currentText(),
+        })
         return cfg.replace(**self.config_overrides) if self.config_overrides else cfg
 
     def _update_command(self) -> None:
+        from femur_core.cv import cv_command
+
         data = self.data_dir.path()
         out = self.out_dir.path()
         if data is None or out is None or (self.use_layers.isChecked() and self._layer_pair_ready()):
             self.command.setText("")
             return
-        budget = f" --budget-minutes {self.budget.value():g}" if self.budget.value() else ""
-        self.command.setText(
-            f"Same run from a terminal: python -m femur_core.cv --data {data} --out {out} "
-            f"--folds {self.n_folds.value()} --fold {self.fold.value()} --recipe {self.recipe_combo.currentText()} "
-            f"--model {self.model_combo.currentData()} --features {self.features.value()} "
-            f"--levels {self.levels.value()} --epochs {self.epochs.value()} --patience {self.patience.value()}"
-            f"{budget} --seed {self.seed.value()}"
-        )
+        try:
+            cmd = cv_command(self.build_config(), self.recipe_combo.currentText(), data=data, out=out,
+                             n_folds=self.n_folds.value(), fold=self.fold.value())
+        except ValueError as exc:
+            self.command.setText(f"No terminal command for these settings: {exc}")
+            return
+        self.command.setText(f"Same run from a terminal: {shlex.join(cmd)}")
 
     def _layer_pair_ready(self) -> bool:
         return self.pair_image.current_layer() is not None and self.pair_mask.current_layer() is not None
