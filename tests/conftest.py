@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,19 @@ def pytest_runtest_setup(item):
         if in_ci():
             pytest.fail("CI=true but no display for the GUI tests; " + DISPLAY_HELP, pytrace=False)
         pytest.skip(DISPLAY_HELP)
+
+
+# ----------------------------------------------------------------------------
+# Real development data (tests/test_realdata.py, marker ``realdata``): the folder
+# ../shared/data/pelvic_mri next to the repository root, or FEMUR_REAL_DATA.
+# ----------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def real_data_dir() -> Path:
+    """Where the real scans are looked for: ``$FEMUR_REAL_DATA``, else ``<repo>/../shared/data/pelvic_mri``."""
+    env = os.environ.get("FEMUR_REAL_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "pelvic_mri"
 
 
 def write_tiny_subject(folder, sid="sub01", seed=3):
