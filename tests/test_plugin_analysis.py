@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from conftest import gui_import  # importorskip, but a failure under CI=true
+napari = gui_import("napari")
+gui_import("pytestqt")
 
 from napari_femur._analysis_widget import FemurAnalysisWidget  # noqa: E402
 from napari_femur._layers import femur_meta, volume_from_layer  # noqa: E402
