@@ -279,7 +279,7 @@ class FemurAnalysisWidget(QWidget):
 
             model = load_model(model_path)
             return (yield from iter_progress(predict_with_views, model, image, cleanup=cleanup, threshold=thr,
-                                             device="cpu"))
+                                             device="auto"))
 
         return self._start(create_worker(job, _start_thread=False, _ignore_errors=True),
                            lambda vp: self._add_uncertainty(image_layer, vp), "Predicting the model's views…")
