@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -35,6 +36,12 @@ def gui_import(name: str):
     if in_ci():
         return importlib.import_module(name)
     return pytest.importorskip(name)
+
+
+# Qt 6 through PyQt6 (the napari extra's binding) where it is installed, also in an environment
+# that still holds PyQt5: qtpy would pick PyQt5 first, and napari warns that its support ends.
+if importlib.util.find_spec("PyQt6") is not None:
+    os.environ.setdefault("QT_API", "pyqt6")
 
 
 def _has_display() -> bool:

@@ -399,3 +399,39 @@ def test_a_deferred_plot_redraw_survives_the_deletion_of_its_widget(qtbot, capfd
         qtbot.wait(50)
         err = capfd.readouterr().err
         assert "has been deleted" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("height", [120, 180, 280, 500])
+def test_plot_axis_titles_stay_inside_the_figure(qtbot, height):
+    """'recall' (PR plot) and 'epoch' (training plot) were cut off at the bottom of a squeezed plot;
+    before training the epoch axis ran 0-1.25."""
+    from femur_core.metrics import curves_from_histogram
+    from napari_femur._plots import PRCurveCanvas, TrainingCurvesCanvas
+
+    rng = np.random.default_rng(0)
+    prob = rng.random((4, 20, 20)).astype(np.float32)
+    for cls in (PRCurveCanvas, TrainingCurvesCanvas):
+        plot = cls(None)
+        qtbot.addWidget(plot)
+        plot.canvas.setMinimumHeight(0)
+        plot.resize(360, height)
+        plot.show()
+        qtbot.wait(20)
+        if cls is PRCurveCanvas:
+            plot.set_curves(curves_from_histogram(prob, prob > 0.6, bins=1001), 500)
+            plot.set_current(300)
+        else:
+            plot.planned_epochs = 15
+            plot.redraw()
+            assert plot.ax_loss.get_xlim() == (0, 15)
+            ticks = [t for t in plot.ax_loss.get_xticks() if 0 <= t <= 15]
+            assert all(float(t).is_integer() for t in ticks)
+        plot.canvas.draw()
+        renderer = plot.figure.canvas.get_renderer()
+        fig_box = plot.figure.bbox
+        for ax in plot.figure.axes:
+            for label in (ax.xaxis.label, ax.yaxis.label):
+                if label.get_text():
+                    box = label.get_window_extent(renderer)
+                    assert box.y0 >= fig_box.y0 - 0.5 and box.x0 >= fig_box.x0 - 0.5, label.get_text()
+                    assert box.x1 <= fig_box.x1 + 0.5 and box.y1 <= fig_box.y1 + 0.5, label.get_text()

@@ -145,7 +145,8 @@ def list_series(folder: "str | os.PathLike") -> list[SeriesInfo]:
     for f, ds in _headers(folder):
         groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "unknown")), []).append((f, ds))
     if not groups:
-        raise InputError(folder, "no DICOM image files found in this folder")
+        raise InputError(folder, "no DICOM image files found in this folder (a folder must hold one DICOM "
+                                 "series; other scans are read as files: NIfTI .nii/.nii.gz or TIFF .tif/.tiff)")
     out = []
     for uid, items in groups.items():
         ds0 = items[0][1]

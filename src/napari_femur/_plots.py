@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,6 +63,9 @@ class _Canvas(FigureCanvasQTAgg):
         super()._draw_idle()
 
     def draw(self) -> None:
+        fit = getattr(self, "fit_margins", None)
+        if fit is not None:  # the widget size may have changed since the last draw
+            fit()
         try:
             super().draw()
         except RuntimeError:
@@ -102,8 +106,11 @@ class ThemedCanvas(QWidget):
     def __init__(self, viewer: "napari.Viewer | None" = None, height: int = 220, parent: QWidget | None = None):
         super().__init__(parent)
         self._viewer = viewer
-        self.figure = Figure(figsize=(4, 3), dpi=90, layout="constrained")
+        # margins fixed in pixels (see _fit_margins), not a layout engine: a squeezed canvas must
+        # still show its axis labels (constrained layout gave up below some height and cut them)
+        self.figure = Figure(figsize=(4, 3), dpi=90)
         self.canvas = _Canvas(self.figure)
+        self.canvas.fit_margins = self._fit_margins
         self.canvas.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Expanding)
         self.canvas.setMinimumHeight(height)
         lay = QVBoxLayout(self)
@@ -147,6 +154,19 @@ class ThemedCanvas(QWidget):
         legend.get_frame().set_edgecolor(c["foreground"])
         for text in legend.get_texts():
             text.set_color(c["text"])
+
+    #: space (pixels) for tick labels and axis titles: left, bottom, right, top
+    margins_px = (50, 38, 12, 10)
+
+    def _fit_margins(self) -> None:
+        """Place the axes so that tick labels and axis titles always lie inside the figure."""
+        w, h = self.figure.bbox.width, self.figure.bbox.height
+        if w <= 0 or h <= 0:
+            return
+        left, bottom, right, top = self.margins_px
+        lo_x, hi_x = min(left / w, 0.45), max(1 - right / w, 0.55)
+        lo_y, hi_y = min(bottom / h, 0.45), max(1 - top / h, 0.55)
+        self.figure.subplots_adjust(left=lo_x, right=hi_x, bottom=lo_y, top=hi_y)
 
     def redraw(self) -> None:  # pragma: no cover - overridden
         self.figure.set_facecolor(self.colors["background"])
@@ -234,10 +254,19 @@ class PRCurveCanvas(ThemedCanvas):
 
 
 class TrainingCurvesCanvas(ThemedCanvas):
-    """Training loss (per step and per epoch) and validation DSC per epoch."""
+    """Training loss (per step and per epoch) and validation DSC per epoch.
+
+    Attributes
+    ----------
+    planned_epochs : int
+        Width of the epoch axis before training (the run's maximum epochs).
+    """
+
+    margins_px = (50, 38, 50, 10)  # the validation-DSC axis on the right
 
     def __init__(self, viewer: "napari.Viewer | None" = None, parent: QWidget | None = None):
         super().__init__(viewer, height=250, parent=parent)
+        self.planned_epochs = 10
         self.ax_loss = self.figure.add_subplot(111)
         self.ax_dsc = self.ax_loss.twinx()
         self.step_x: list[float] = []
@@ -304,8 +333,13 @@ class TrainingCurvesCanvas(ThemedCanvas):
             if best is not None:
                 b.plot([self.epochs[best]], [self.val_dsc[best]], marker="*", markersize=12,
                        linestyle="none", color="#ffd54f", markeredgecolor=c["background"])
-        right = max(self.epochs[-1] if self.epochs else 0, self.step_x[-1] if self.step_x else 0, 1)
-        a.set_xlim(0, right + 0.25)
+        if self.epochs or self.step_x:
+            right = max(self.epochs[-1] if self.epochs else 0, self.step_x[-1] if self.step_x else 0, 1)
+            a.set_xlim(0, right + 0.25)
+        else:  # before training: the epochs the run may take, whole numbers
+            a.set_xlim(0, max(int(self.planned_epochs), 1))
+            a.set_ylim(0, 1)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not handles:
             a.text(0.5, 0.5, "loss and validation DSC appear here while training", ha="center",
                    va="center", color=c["text"], fontsize=8, transform=a.transAxes)
