@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from scipy.stats import spearmanr
 
     from femur_core.inference import load_model
-    from femur_core.io import read_volume
+    from femur_core.volume_io import read_volume
     from femur_core.uncertainty import predict_with_views
 
     run, data = Path(args.run), Path(args.data)
@@ -101,7 +101,21 @@ def main(argv: list[str] | None = None) -> int:
         rho, p = spearmanr([r[s] for r in rows], err)
         corr[s] = {"spearman_rho": float(rho), "p": float(p), "n": len(rows)}
         print(f"{s:17s} Spearman rho {rho:+.3f}  p {p:.3g}  n {len(rows)}")
+    # exploratory: each fold has its own model (its own calibration); rank within folds, then pool
+    from scipy.stats import rankdata
+
+    within = {}
+    for s in SCORES:
+        xs, ys = [], []
+        for k in sorted({r["fold"] for r in rows}):
+            rs = [r for r in rows if r["fold"] == k]
+            xs += list(rankdata([r[s] for r in rs]))
+            ys += list(rankdata([1.0 - r["dsc"] for r in rs]))
+        rho, p = spearmanr(xs, ys)
+        within[s] = {"spearman_rho": float(rho), "p": float(p), "n": len(xs)}
+        print(f"{s:17s} within-fold ranks pooled: rho {rho:+.3f}  p {p:.3g}")
     out = {"run": str(run), "data": str(data), "rows": rows, "spearman_vs_1_minus_dsc": corr,
+           "within_fold_ranks_pooled": within,
            "minutes": (time.perf_counter() - t_all) / 60, "command": " ".join(["python", *sys.argv])}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
