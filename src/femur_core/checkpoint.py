@@ -23,7 +23,7 @@ from torch import nn
 from .errors import ModelFileError
 from .volume_io import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "resolve_model_path", "FORMAT"]
+__all__ = ["save_checkpoint", "save_ensemble", "load_checkpoint", "resolve_model_path", "FORMAT"]
 
 FORMAT = "napari-femur/1"
 
@@ -37,6 +37,28 @@ def save_checkpoint(path: "str | os.PathLike", model: nn.Module, config: dict, *
         **extra,
     }
     buf = io.BytesIO()
+    torch.save(payload, buf)
+    return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
+
+
+def save_ensemble(path: "str | os.PathLike", state_dicts: list[dict], config: dict, **extra) -> Path:
+    """Write a model of one or more member networks of one architecture atomically.
+
+    ``state_dict`` holds the first member (so a single-network reader still
+    loads a working model); with several members, ``member_state_dicts`` holds
+    them all, in order.
+    """
+    if not state_dicts:
+        raise ValueError("an ensemble needs at least one member")
+    payload = {
+        "format": FORMAT,
+        "config_json": json.dumps(config),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dicts[0].items()},
+        **extra,
+    }
+    if len(state_dicts) > 1:
+        payload["member_state_dicts"] = [{k: v.detach().cpu() for k, v in sd.items()} for sd in state_dicts]
+    buf = _io.BytesIO()
     torch.save(payload, buf)
     return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
 

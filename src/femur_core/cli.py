@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import Cancelled, FemurError
+from .errors import Cancelled, FemurError, InputError
 from .progress import CancelToken, ProgressEvent
 
 __all__ = ["run_main", "cancel_on_sigint", "TqdmProgress", "environment_info", "add_common_training_args",
@@ -151,6 +151,7 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
                    "; ".join(f"{k}: {v.description}" for k, v in MODELS.items()))
     g.add_argument("--features", type=int, help="F, feature maps of the first level")
     g.add_argument("--levels", type=int, help="L, resolution levels per path")
+    g.add_argument("--in-slices", type=int, help="2D: neighbouring slices in (odd: 3 = the slice and one each side)")
     g.add_argument("--loss", choices=list(LOSSES))
     g.add_argument("--lr", type=float)
     g.add_argument("--lr-schedule", choices=["constant", "poly"],
@@ -162,11 +163,15 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, help="maximum epochs")
     g.add_argument("--min-epochs", type=int)
     g.add_argument("--patience", type=int)
-    g.add_argument("--budget-minutes", type=float, help="wall-clock training budget per model (0 = no limit)")
+    g.add_argument("--budget-minutes", type=float, help="wall-clock training budget of the model, of all its "
+                                                        "ensemble members together (0 = no limit)")
     g.add_argument("--in-plane-spacing", type=float, help="model grid pixel size in mm")
     g.add_argument("--in-plane-size", type=int, help="model grid matrix (the study: 256)")
     g.add_argument("--central-slices", type=int, help="keep the central N slices (the study: 48)")
-    g.add_argument("--augment", help="comma list of flip,intensity,affine")
+    g.add_argument("--augment", help="comma list of flip,intensity,affine,gamma,blur,lowres")
+    g.add_argument("--ensemble", type=int, help="member networks: 1 = one network on an inner split; k > 1 = one "
+                                                "per fold of a k-fold split, probabilities averaged, threshold "
+                                                "on out-of-fold predictions")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -181,7 +186,7 @@ def config_from_args(args: argparse.Namespace, default_recipe: str):
 #: Flags copied to a TrainConfig attribute as they are (flag dest -> attribute).
 _PLAIN_FLAGS = {"loss": "loss", "lr": "lr", "lr_schedule": "lr_schedule", "epochs": "max_epochs",
                 "min_epochs": "min_epochs", "patience": "patience", "batch_size": "batch_size",
-                "seed": "seed", "device": "device", "precision": "precision"}
+                "seed": "seed", "device": "device", "precision": "precision", "ensemble": "ensemble"}
 _GRID_FLAGS = ("in_plane_spacing", "in_plane_size", "central_slices")
 #: Flags that :func:`args_from_config` always writes, so a printed command reads complete.
 ALWAYS_WRITTEN = ("model", "features", "levels", "epochs", "patience", "budget_minutes", "seed", "device")
@@ -216,6 +221,12 @@ def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
         cfg.model.features = int(o["features"])
     if o.get("levels"):
         cfg.model.levels = int(o["levels"])
+    if o.get("in_slices"):
+        if int(o["in_slices"]) < 1 or int(o["in_slices"]) % 2 == 0:
+            raise InputError(None, f"--in-slices must be odd and positive, got {o['in_slices']}")
+        cfg.model.in_slices = int(o["in_slices"])
+    if "ensemble" in o and int(o["ensemble"]) < 1:
+        raise InputError(None, f"--ensemble must be at least 1, got {o['ensemble']}")
     for flag, attr in _PLAIN_FLAGS.items():
         if flag in o:
             setattr(cfg, attr, o[flag])
@@ -233,12 +244,18 @@ def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
     if "augment" in o:
         aug = o["augment"]
         cfg.augment = [a for a in (aug.split(",") if isinstance(aug, str) else aug) if a]
+        from .training import AUGMENTATIONS
+
+        bad = [a for a in cfg.augment if a not in AUGMENTATIONS]
+        if bad:
+            raise InputError(None, f"unknown augmentation {', '.join(bad)}; choose from {', '.join(AUGMENTATIONS)}")
     return cfg
 
 
 def config_overrides(cfg) -> dict[str, Any]:
     """Every training flag's value for ``cfg`` (the inverse of :func:`config_from_overrides`)."""
     d = {"model": cfg.model.name, "features": cfg.model.features, "levels": cfg.model.levels,
+         "in_slices": cfg.model.in_slices,
          "budget_minutes": cfg.max_minutes or 0, "aux_labels": "on" if cfg.aux_labels else "off",
          "augment": ",".join(cfg.augment)}
     d.update({flag: getattr(cfg, attr) for flag, attr in _PLAIN_FLAGS.items()})

@@ -31,7 +31,8 @@ import numpy as np
 from . import distributed as _dist
 from .cli import (TqdmProgress, add_common_training_args, args_from_config, cancel_on_sigint, config_from_args,
                   dump_json, environment_info, run_main)
-from .data import SUBJECT_FILE, Subject, find_subjects, inner_split, load_subjects, make_folds
+from .data import SUBJECT_FILE, Subject, find_subjects, load_subjects, make_folds
+from .ensemble import fit, member_split
 from .errors import InputError, OutputExistsError
 from .inference import load_model, predict_volume
 from .metrics import curves_from_counts, evaluate, histogram_counts, optimal_threshold, volume_ml
@@ -73,8 +74,10 @@ def fold_subjects(setup: CVSetup, k: int) -> tuple[list[str], list[str], list[st
     """
     test_ids = list(setup.folds[k])
     train_ids = [i for f, ids in enumerate(setup.folds) if f != k for i in ids]
-    if setup.protocol == "honest":
-        tr_ids, es_ids = inner_split(train_ids, setup.config.val_fraction, setup.config.seed + k)
+    if setup.protocol == "honest":  # one network's inner split, or every ensemble member's (union)
+        splits = member_split([setup.subjects[i] for i in train_ids], setup.config, setup.config.seed + k)
+        tr_ids = sorted({i for tr, _ in splits for i in tr})
+        es_ids = sorted({i for _, es in splits for i in es})
     else:
         tr_ids, es_ids = train_ids, test_ids
     return tr_ids, es_ids, test_ids
@@ -148,8 +151,16 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
         return json.loads(done.read_text())
     cfg = setup.config
     tr_ids, es_ids, test_ids = fold_subjects(setup, k)
-    res = train_model([setup.subjects[i] for i in tr_ids], [setup.subjects[i] for i in es_ids], cfg, fold_dir,
-                      progress=progress, cancel=cancel, resume=True, fold=k)
+    if setup.protocol == "honest":  # one network on an inner split, or an ensemble of inner folds
+        train_ids = [i for f, ids in enumerate(setup.folds) if f != k for i in ids]
+        res = fit([setup.subjects[i] for i in train_ids], cfg, fold_dir, progress=progress, cancel=cancel,
+                  seed=cfg.seed + k, fold=k)
+    else:
+        if cfg.ensemble > 1:
+            raise InputError(None, "the paper protocol early-stops on the scored fold: it trains one network "
+                                   "(use --ensemble 1)")
+        res = train_model([setup.subjects[i] for i in tr_ids], [setup.subjects[i] for i in es_ids], cfg, fold_dir,
+                          progress=progress, cancel=cancel, resume=True, fold=k)
     if not _dist.is_main():  # torchrun: rank 0 scores and writes; the others read its result
         _dist.barrier()
         return json.loads(done.read_text())
@@ -182,7 +193,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     os.replace(fold_dir / "curves.tmp.npz", fold_dir / "curves.npz")
     result = {"fold": k, "threshold": thr, "protocol": setup.protocol, "train_subjects": tr_ids,
               "early_stopping_subjects": es_ids, "test_subjects": test_ids, "epochs": res.epochs,
-              "aux_labels": res.config.aux_labels,
+              "aux_labels": res.config.aux_labels, "ensemble": cfg.ensemble,
               "stop_reason": res.stop_reason, "train_minutes": res.minutes,
               "roc_auc": curves.roc_auc(), "average_precision": curves.average_precision(),
               "subjects": subjects}
@@ -235,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fold", type=int, help="run only this fold (0-based) into the shared run folder")
     ap.add_argument("--collect", metavar="RUN_DIR", help="merge finished folds of RUN_DIR into its report")
     ap.add_argument("--protocol", choices=["honest", "paper"], default="honest")
+    ap.add_argument("--fold-seed", type=int, help="seed of the outer folds (default: --seed), to compare "
+                                                  "training seeds on the same folds")
     ap.add_argument("--n-synthetic", type=int, default=8, help="subjects in the default synthetic cohort")
     add_common_training_args(ap)
     return ap
@@ -267,11 +280,12 @@ def _run(args) -> int:
     _check_enough_subjects(len(subjects), args.folds, args.protocol, args.data)
     if args.fold is not None and not 0 <= args.fold < args.folds:
         raise InputError(None, f"--fold {args.fold} is outside 0..{args.folds - 1}")
+    fold_seed = args.seed if args.fold_seed is None else args.fold_seed
     if is_main:  # torchrun: rank 0 writes config.json / splits.json, the others then check them
-        setup = setup_run(args.out, subjects, cfg, args.folds, args.seed, args.protocol, data_desc)
+        setup = setup_run(args.out, subjects, cfg, args.folds, fold_seed, args.protocol, data_desc)
     _dist.barrier()
     if not is_main:
-        setup = setup_run(args.out, subjects, cfg, args.folds, args.seed, args.protocol, data_desc)
+        setup = setup_run(args.out, subjects, cfg, args.folds, fold_seed, args.protocol, data_desc)
     folds = [args.fold] if args.fold is not None else range(args.folds)
     bar = TqdmProgress()
     t0 = time.monotonic()

@@ -142,7 +142,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # ----------------------------------------------------------------------------- loading
 @dataclass
 class LoadedModel:
-    """A trained network ready to predict, with the settings it was trained with."""
+    """A trained model ready to predict, with the settings it was trained with.
+
+    An ensemble (the fold models of a cross-validation, or a model trained
+    with ``TrainConfig.ensemble > 1``) has several ``members`` of one
+    architecture; ``net`` is the first. Prediction averages the members'
+    probabilities.
+    """
 
     net: torch.nn.Module
     model_config: ModelConfig
@@ -150,34 +156,92 @@ class LoadedModel:
     threshold: float = 0.5
     path: Path | None = None
     train_config: dict = field(default_factory=dict)
+    members: list[torch.nn.Module] = field(default_factory=list)
+    threshold_source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            self.members = [self.net]
 
     @property
     def kind(self) -> str:
         return MODELS[self.model_config.name].kind
 
 
+def _build_loaded(payload: dict, p: Path) -> LoadedModel:
+    cfg = payload["config"]
+    try:
+        mc = ModelConfig.from_dict(cfg["model"])
+        grid = GridSpec.from_dict(cfg.get("grid", {}))
+        states = payload.get("member_state_dicts") or [payload["state_dict"]]
+        nets = [build_model(mc) for _ in states]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{p}: invalid model configuration ({exc})") from None
+    for net, sd in zip(nets, states):
+        load_weights_into(net, {"state_dict": sd}, p)
+        net.eval()
+    thr = payload.get("threshold", cfg.get("threshold", 0.5))
+    thr = float(thr.item() if torch.is_tensor(thr) else thr)
+    return LoadedModel(nets[0], mc, grid, thr, p, cfg, nets, str(payload.get("threshold_source", "")))
+
+
+def _cv_run_models(folder: Path) -> list[Path]:
+    """The fold models of a cross-validation run folder (``fold<k>/model.pt`` or ``best.pt``)."""
+    out = []
+    for d in sorted(folder.glob("fold*"), key=lambda q: (len(q.name), q.name)):
+        if d.is_dir() and d.name[4:].isdigit():
+            for cand in (d / "model.pt", d / "best.pt"):
+                if cand.is_file():
+                    out.append(cand)
+                    break
+    return out
+
+
+def _cv_threshold(folder: Path, models: list[LoadedModel]) -> tuple[float, str]:
+    """PRC-optimal threshold of a CV run's out-of-fold predictions (its ``fold*/curves.npz``),
+    else the median of the fold models' thresholds."""
+    from .metrics import curves_from_counts, optimal_threshold
+
+    files = sorted(folder.glob("fold*/curves.npz"))
+    if files and len(files) == len(models):
+        pos = neg = None
+        for f in files:
+            with np.load(f) as z:
+                pos = z["pos"] if pos is None else pos + z["pos"]
+                neg = z["neg"] if neg is None else neg + z["neg"]
+        if pos is not None and pos.sum() > 0:
+            thr = float(np.clip(optimal_threshold(curves_from_counts(pos, neg)), 0.05, 0.95))
+            return thr, f"out-of-fold predictions of the cross-validation ({len(files)} folds)"
+    return float(np.median([m.threshold for m in models])), "median of the fold models' thresholds"
+
+
 def load_model(path: "str | os.PathLike") -> LoadedModel:
-    """Load a checkpoint file, or the model in a run / model folder, safely.
+    """Load a checkpoint file, a model folder, or a cross-validation run folder, safely.
+
+    A run folder of a cross-validation (``fold<k>/`` models and no
+    ``model.pt`` / ``best.pt`` of its own) loads as the ensemble of its fold
+    models, with the threshold of their out-of-fold predictions.
 
     Raises
     ------
     ModelFileError
         Missing, unsafe (pickled objects), corrupt, or not matching its architecture.
     """
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "model.pt").is_file() and not (folder / "best.pt").is_file():
+        files = _cv_run_models(folder)
+        if len(files) > 1:
+            parts = [_build_loaded(load_checkpoint(f), f) for f in files]
+            first = parts[0]
+            for f, m in zip(files, parts):
+                if m.model_config != first.model_config or m.grid != first.grid:
+                    raise ModelFileError(f"{f}: its architecture or grid differs from {files[0]}; "
+                                         "a run folder's fold models must match to be averaged")
+            thr, source = _cv_threshold(folder, parts)
+            return LoadedModel(first.net, first.model_config, first.grid, thr, folder, first.train_config,
+                               [n for m in parts for n in m.members], source)
     p = resolve_model_path(path)
-    payload = load_checkpoint(p)
-    cfg = payload["config"]
-    try:
-        mc = ModelConfig.from_dict(cfg["model"])
-        grid = GridSpec.from_dict(cfg.get("grid", {}))
-        net = build_model(mc)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{p}: invalid model configuration ({exc})") from None
-    load_weights_into(net, payload, p)
-    net.eval()
-    thr = payload.get("threshold", cfg.get("threshold", 0.5))
-    thr = float(thr.item() if torch.is_tensor(thr) else thr)
-    return LoadedModel(net, mc, grid, thr, p, cfg)
+    return _build_loaded(load_checkpoint(p), p)
 
 
 # ----------------------------------------------------------------------------- 2D tiling
@@ -606,8 +670,12 @@ def predict_volume(
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)
     prep = prepare(image, model.grid)
-    prob_m = predict_array(model.net, model.model_config, prep.image, device=dev, amp=amp,
-                           flip_tta=flip_tta, progress=progress, cancel=cancel)
+    prob_m = None
+    for net in model.members:  # an ensemble averages its members' probabilities
+        p_j = predict_array(net, model.model_config, prep.image, device=dev, amp=amp,
+                            flip_tta=flip_tta, progress=progress, cancel=cancel)
+        prob_m = p_j if prob_m is None else prob_m + p_j
+    prob_m = prob_m / len(model.members)
     thr = model.threshold if threshold is None else float(threshold)
     prob_c = prep.restore_canonical(prob_m)
     midline = body_midline(to_canonical(image)[0].data)

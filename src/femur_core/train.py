@@ -29,11 +29,12 @@ from pathlib import Path
 from . import distributed as _dist
 from .cli import (TqdmProgress, add_common_training_args, cancel_on_sigint, config_from_args, dump_json,
                   environment_info, run_main)
-from .data import Subject, find_subjects, inner_split, load_subjects
+from .data import Subject, find_subjects, load_subjects
+from .ensemble import FitResult, fit
 from .errors import InputError, OutputExistsError
 from .finetune import finetune_config
 from .progress import CancelToken, ProgressCallback
-from .training import TrainConfig, TrainResult, train_model
+from .training import TrainConfig
 from .volume_io import atomic_write_bytes
 
 __all__ = ["main", "train_final_model", "FinalModel"]
@@ -62,7 +63,7 @@ class FinalModel:
     """What :func:`train_final_model` left in its model folder."""
 
     model: Path  # model.pt
-    result: TrainResult
+    result: FitResult
     train_subjects: list[str]
     early_stopping_subjects: list[str]
 
@@ -104,20 +105,20 @@ def train_final_model(
     if len(subjects) < 2:
         raise InputError(data, "training needs at least 2 subjects (one is held out for early stopping), "
                                f"found {len(subjects)}")
-    tr, es = inner_split([s.id for s in subjects], config.val_fraction, config.seed)
-    by_id = {s.id: s for s in subjects}
     work = out / "training"
     if is_main and overwrite and work.exists() and (out / "model.pt").exists():
         shutil.rmtree(work)
     _dist.barrier()
-    res = train_model([by_id[i] for i in tr], [by_id[i] for i in es], config, work,
-                      progress=progress, resume=True, cancel=cancel, init_from=init_from)
+    res = fit(subjects, config, work, progress=progress, cancel=cancel, init_from=init_from)
+    tr = sorted({i for s in res.split for i in s["train"]})
+    es = sorted({i for s in res.split for i in s["early_stopping"]})
     if is_main:
-        atomic_write_bytes(out / "model.pt", res.checkpoint.read_bytes(), overwrite=True)
+        atomic_write_bytes(out / "model.pt", res.model_file.read_bytes(), overwrite=True)
         atomic_write_bytes(out / "config.json", dump_json({
-            "data": data, "train_subjects": tr, "early_stopping_subjects": es,
+            "data": data, "train_subjects": tr, "early_stopping_subjects": es, "members": res.split,
             **({"init_from": str(Path(init_from).resolve())} if init_from is not None else {}),
-            "train": res.config.to_dict(), "threshold": res.threshold, "epochs": res.epochs,
+            "train": res.config.to_dict(), "threshold": res.threshold, "threshold_source": res.threshold_source,
+            "epochs": res.epochs, "member_epochs": [m.epochs for m in res.members],
             "stop_reason": res.stop_reason, "train_minutes": res.minutes, "environment": environment_info(),
             **({"world_size": world, "global_batch_size": config.batch_size * world} if world > 1 else {})}),
             overwrite=True)
@@ -140,10 +141,11 @@ def _main(args) -> int:
     if not is_main:
         return 0
     res = final.result
-    best = max(res.history, key=lambda h: h["val_dsc"]) if res.history else {}
-    print(f"model: {final.model}  epochs {res.epochs} ({res.stop_reason}), "
-          f"{res.minutes:.1f} min training, best early-stopping DSC {best.get('val_dsc', float('nan')):.4f}, "
-          f"threshold {res.threshold:.3f}  ({(time.monotonic() - t0) / 60:.1f} min in all)")
+    best = [max((h["val_dsc"] for h in m.history), default=float("nan")) for m in res.members]
+    print(f"model: {final.model}  {len(res.members)} member(s), epochs "
+          f"{'+'.join(str(m.epochs) for m in res.members)} ({res.stop_reason}), {res.minutes:.1f} min training, "
+          f"best early-stopping DSC {' / '.join(f'{b:.4f}' for b in best)}, threshold {res.threshold:.3f} "
+          f"from {res.threshold_source}  ({(time.monotonic() - t0) / 60:.1f} min in all)")
     return 0
 
 if __name__ == "__main__":

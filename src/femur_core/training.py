@@ -40,7 +40,7 @@ from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel
 
 __all__ = ["TrainConfig", "TrainResult", "RECIPES", "recipe", "train_model", "prepare_subjects"]
 
-AUGMENTATIONS = ("flip", "intensity", "affine")
+AUGMENTATIONS = ("flip", "intensity", "affine", "gamma", "blur", "lowres")
 
 
 @dataclass
@@ -76,7 +76,10 @@ class TrainConfig:
         Wall-clock training budget; training stops at the first step past it.
     augment : list of str
         Any of ``"flip"`` (left-right, the study), ``"intensity"`` (scale, shift,
-        bias field, noise), ``"affine"`` (in-plane rotation and scaling).
+        bias field, noise), ``"affine"`` (in-plane rotation and scaling),
+        ``"gamma"`` (contrast curve), ``"blur"`` (in-plane Gaussian blur),
+        ``"lowres"`` (simulated coarser in-plane resolution), the last three
+        nnU-Net's, each applied to a random share of the samples.
     bg_slice_ratio : float
         2D: slices without femur drawn per epoch, relative to slices with femur.
     patch_size : list of int or None
@@ -90,6 +93,12 @@ class TrainConfig:
         Reproducibility and hardware (``auto`` picks cuda / mps / cpu and bf16 where fast).
     flip_tta, cleanup
         Inference defaults stored with the model.
+    ensemble : int
+        Member networks (:func:`femur_core.ensemble.fit`): 1 trains one network
+        on an inner split; ``k > 1`` trains one per fold of a ``k``-fold split of
+        the subjects, each early-stopped on its own fold, averages their
+        probabilities and picks the threshold on their out-of-fold predictions.
+        ``max_minutes`` is then the budget of the whole ensemble.
     aux_labels : bool
         Train with a third class, "other bone" (ilium, sacrum, spine...), from
         the subjects' label maps (``subNN_bones.nii.gz``), so that the network
@@ -123,6 +132,7 @@ class TrainConfig:
     flip_tta: bool = True
     cleanup: bool = True
     aux_labels: bool = False
+    ensemble: int = 1
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -368,6 +378,12 @@ def _augment(x: torch.Tensor, y: torch.Tensor, names: list[str], rng: np.random.
                            align_corners=False)
         x = xs.reshape(*lead, H, W)
         y = (ys.round() if multiclass else ys >= 0.5).reshape(y.shape).to(y.dtype)
+    if "gamma" in names:
+        x = _gamma(x, rng)
+    if "blur" in names:
+        x = _blur(x, rng)
+    if "lowres" in names:
+        x = _lowres(x, rng)
     if "intensity" in names:
         B = x.shape[0]
         shape = (B,) + (1,) * (x.ndim - 1)
@@ -381,6 +397,54 @@ def _augment(x: torch.Tensor, y: torch.Tensor, names: list[str], rng: np.random.
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         x = (x * field_) * scale + shift + noise * torch.randn(x.shape, generator=gen)
     return x, y
+
+
+def _per_sample(rng: np.random.Generator, n: int, p: float) -> np.ndarray:
+    return np.nonzero(rng.random(n) < p)[0]
+
+
+def _gamma(x: torch.Tensor, rng: np.random.Generator, p: float = 0.3) -> torch.Tensor:
+    """nnU-Net's gamma: per sample, rescale to [0, 1], raise to gamma in [0.7, 1.5], restore range."""
+    x = x.clone()
+    for i in _per_sample(rng, x.shape[0], p):
+        xi = x[i]
+        lo, hi = xi.min(), xi.max()
+        rngv = torch.clamp(hi - lo, min=1e-6)
+        g = float(rng.uniform(0.7, 1.5))
+        x[i] = ((xi - lo) / rngv).clamp(0, 1) ** g * rngv + lo
+    return x
+
+
+def _gauss_kernel(sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def _blur(x: torch.Tensor, rng: np.random.Generator, p: float = 0.2) -> torch.Tensor:
+    """In-plane Gaussian blur, sigma 0.5-1.0 pixel, on a random share of the samples."""
+    x = x.clone()
+    for i in _per_sample(rng, x.shape[0], p):
+        k = _gauss_kernel(float(rng.uniform(0.5, 1.0)))
+        r = (len(k) - 1) // 2
+        xi = x[i].reshape(-1, 1, *x.shape[-2:])
+        xi = F.conv2d(F.pad(xi, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+        xi = F.conv2d(F.pad(xi, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+        x[i] = xi.reshape(x[i].shape)
+    return x
+
+
+def _lowres(x: torch.Tensor, rng: np.random.Generator, p: float = 0.2) -> torch.Tensor:
+    """Simulated low in-plane resolution: down by 1-2x (nearest), back up (bilinear)."""
+    x = x.clone()
+    H, W = x.shape[-2:]
+    for i in _per_sample(rng, x.shape[0], p):
+        f = float(rng.uniform(1.0, 2.0))
+        xi = x[i].reshape(1, -1, H, W)
+        small = F.interpolate(xi, size=(max(4, int(H / f)), max(4, int(W / f))), mode="nearest")
+        x[i] = F.interpolate(small, size=(H, W), mode="bilinear", align_corners=False).reshape(x[i].shape)
+    return x
 
 
 # ----------------------------------------------------------------------------- loop

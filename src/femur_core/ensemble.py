@@ -1,0 +1,189 @@
+"""Fitting a model on a set of subjects: one network, or an ensemble of fold networks.
+
+:func:`fit` is what ``python -m femur_core.train``, the cross-validation and
+the GUI call to turn a list of subjects into a model file:
+
+- ``config.ensemble == 1``: one network trained on an inner split of the
+  subjects and early-stopped on the rest (the study's way); the threshold is
+  the PRC-optimal one on the early-stopping subjects.
+- ``config.ensemble == k > 1``: the subjects are dealt into ``k`` folds
+  (stratified on femur volume) and one member network is trained per fold, on
+  the other folds, early-stopped on its own fold (nnU-Net's way). Every
+  subject is then predicted once by the member that never saw it; the
+  threshold is the PRC-optimal one on those out-of-fold predictions of all
+  subjects (not of the 2-3 of one inner split). ``config.max_minutes`` is the
+  budget of the whole ensemble: each member gets ``max_minutes / k``.
+
+The model file (``model.pt``) holds every member's weights (loaded without
+unpickling); :func:`femur_core.inference.load_model` gives a
+:class:`~femur_core.inference.LoadedModel` whose prediction averages the
+members' probabilities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed as _dist
+from .checkpoint import load_checkpoint, save_ensemble
+from .data import Subject, inner_split, make_folds
+from .errors import InputError
+from .metrics import volume_ml
+from .progress import CancelToken, ProgressCallback, ProgressEvent, emit
+from .training import THRESHOLD_BOUNDS, TrainConfig, TrainResult, prepare_subjects, train_model
+
+__all__ = ["FitResult", "fit", "member_split"]
+
+
+@dataclass
+class FitResult:
+    """A fitted model: the model file and how it was made."""
+
+    model_file: Path
+    threshold: float
+    threshold_source: str
+    members: list[TrainResult]
+    split: list[dict]  # per member: {"train": [...], "early_stopping": [...]}
+    minutes: float
+    config: TrainConfig
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.model_file
+
+    @property
+    def epochs(self) -> int:
+        return int(sum(m.epochs for m in self.members))
+
+    @property
+    def stop_reason(self) -> str:
+        return ",".join(sorted({m.stop_reason for m in self.members}))
+
+    @property
+    def history(self) -> list[dict]:
+        return [dict(h, member=j) for j, m in enumerate(self.members) for h in m.history]
+
+
+def member_split(subjects: list[Subject], config: TrainConfig, seed: int) -> list[tuple[list[str], list[str]]]:
+    """(training ids, early-stopping ids) of every member.
+
+    One member: the inner split of ``config.val_fraction``. ``k`` members:
+    ``k`` folds stratified on femur volume, member ``j`` early-stopping on fold ``j``.
+    """
+    ids = [s.id for s in subjects]
+    k = int(config.ensemble)
+    if k <= 1:
+        return [inner_split(ids, config.val_fraction, seed)]
+    if len(ids) < k:
+        raise InputError(None, f"an ensemble of {k} members needs at least {k} subjects, got {len(ids)}")
+    strata = {s.id: volume_ml(s.mask.data, s.mask.spacing) for s in subjects}
+    folds = make_folds(ids, k, seed + 104729, strata)
+    return [(sorted(i for f, fi in enumerate(folds) if f != j for i in fi), sorted(folds[j])) for j in range(k)]
+
+
+def _out_of_fold_threshold(results: list[TrainResult], splits, by_id: dict[str, Subject], config: TrainConfig,
+                           cache: dict | None, cancel: CancelToken | None) -> float:
+    """PRC-optimal threshold of the members' predictions of the subjects they never trained on."""
+    from .inference import load_model, predict_array, resolve_amp, resolve_device
+    from .metrics import curves_from_histogram, optimal_threshold
+
+    device = resolve_device(config.device)
+    amp = resolve_amp(config.precision, device)
+    probs, refs = [], []
+    for res, (_, es) in zip(results, splits):
+        model = load_model(res.checkpoint)
+        for p in prepare_subjects([by_id[i] for i in es], config.grid, cache):
+            probs.append(predict_array(model.net, model.model_config, p.image, device=device, amp=amp,
+                                       flip_tta=config.flip_tta, cancel=cancel).ravel())
+            refs.append(p.mask.ravel().astype(bool))
+    prob, ref = np.concatenate(probs), np.concatenate(refs)
+    if not ref.any():
+        return 0.5
+    return float(np.clip(optimal_threshold(curves_from_histogram(prob, ref)), *THRESHOLD_BOUNDS))
+
+
+def fit(
+    subjects: list[Subject],
+    config: TrainConfig,
+    out_dir: "str | os.PathLike",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    cache: dict | None = None,
+    seed: int | None = None,
+    fold: int | None = None,
+    init_from: "str | os.PathLike | None" = None,
+) -> FitResult:
+    """Train the model of ``config`` on ``subjects``; resumable.
+
+    Parameters
+    ----------
+    subjects : list of Subject
+        Every subject the model may learn from (early stopping included).
+    config : TrainConfig
+        The recipe; ``config.ensemble`` members.
+    out_dir : path-like
+        Work folder: ``member<j>/`` (or the folder itself for one network)
+        with each member's checkpoints, and ``model.pt``, the model file.
+    seed : int, optional
+        Seed of the inner split / member folds (default ``config.seed``).
+    fold : int, optional
+        Outer cross-validation fold, for progress messages.
+    init_from : path-like, optional
+        Fine-tune: every member starts from this model's weights.
+
+    Returns
+    -------
+    FitResult
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = config.seed if seed is None else seed
+    k = max(1, int(config.ensemble))
+    if len(subjects) < 2:
+        raise InputError(None, f"training needs at least 2 subjects (one for early stopping), got {len(subjects)}")
+    splits = member_split(subjects, config, seed)
+    by_id = {s.id: s for s in subjects}
+    member_cfg = config
+    if k > 1 and config.max_minutes:
+        member_cfg = config.replace(max_minutes=config.max_minutes / k)
+    results: list[TrainResult] = []
+    for j, (tr, es) in enumerate(splits):
+        if k > 1:
+            emit(progress, ProgressEvent("info", fold=fold, message=(
+                f"ensemble member {j + 1} of {k}: {len(tr)} training, {len(es)} early-stopping subjects")))
+        cfg_j = member_cfg.replace(seed=config.seed + j) if k > 1 else member_cfg
+        res = train_model([by_id[i] for i in tr], [by_id[i] for i in es], cfg_j, out / f"member{j}" if k > 1 else out,
+                          progress=progress, cancel=cancel, resume=True, cache=cache, fold=fold,
+                          init_from=init_from)
+        results.append(res)
+    eff = results[0].config
+    if k > 1:
+        thr = _out_of_fold_threshold(results, splits, by_id, eff, cache, cancel)
+        source = f"out-of-fold predictions of {len(subjects)} subjects ({k} members)"
+    else:
+        thr = results[0].threshold
+        source = f"early-stopping subjects ({len(splits[0][1])})"
+    eff = dataclasses.replace(eff, seed=config.seed, max_minutes=config.max_minutes)
+    model_file = out / "model.pt"
+    states = [load_checkpoint(r.checkpoint)["state_dict"] for r in results]
+    if _dist.is_main():  # under torchrun rank 0 alone writes
+        save_ensemble(model_file, states, eff.to_dict(), threshold=thr, threshold_source=source,
+                      members_json=json.dumps([{"train": tr, "early_stopping": es,
+                                                "epochs": r.epochs, "stop_reason": r.stop_reason,
+                                                "minutes": r.minutes, "threshold": r.threshold}
+                                               for (tr, es), r in zip(splits, results)]))
+    _dist.barrier()
+    del states
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return FitResult(model_file, thr, source, results,
+                     [{"train": tr, "early_stopping": es} for tr, es in splits],
+                     float(sum(r.minutes for r in results)), eff)
+
