@@ -55,6 +55,11 @@ def test_fit_ensemble_writes_one_file_whose_prediction_is_the_members_mean(six_s
     assert len(payload["member_state_dicts"]) == 2
     assert json.loads(payload["config_json"])["ensemble"] == 2
     assert "out-of-fold" in res.threshold_source
+    # every subject scored once, by the member that never trained on it
+    assert sorted(o["subject"] for o in res.out_of_fold) == sorted(s.id for s in six_subjects)
+    for o in res.out_of_fold:
+        assert o["subject"] not in res.split[o["member"]]["train"]
+        assert 0.0 <= o["dsc"] <= 1.0
     assert THRESHOLD_BOUNDS[0] <= res.threshold <= THRESHOLD_BOUNDS[1]
     model = load_model(res.model_file)
     assert len(model.members) == 2 and model.threshold == pytest.approx(res.threshold)

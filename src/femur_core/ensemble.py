@@ -37,7 +37,7 @@ from .data import Subject, inner_split, make_folds
 from .errors import InputError
 from .metrics import volume_ml
 from .progress import CancelToken, ProgressCallback, ProgressEvent, emit
-from .training import THRESHOLD_BOUNDS, TrainConfig, TrainResult, prepare_subjects, train_model
+from .training import THRESHOLD_BOUNDS, TrainConfig, TrainResult, train_model
 
 __all__ = ["FitResult", "fit", "member_split"]
 
@@ -53,6 +53,8 @@ class FitResult:
     split: list[dict]  # per member: {"train": [...], "early_stopping": [...]}
     minutes: float
     config: TrainConfig
+    #: ensembles: per subject, the DSC of the member that never trained on it, at ``threshold``
+    out_of_fold: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def checkpoint(self) -> Path:
@@ -88,25 +90,37 @@ def member_split(subjects: list[Subject], config: TrainConfig, seed: int) -> lis
     return [(sorted(i for f, fi in enumerate(folds) if f != j for i in fi), sorted(folds[j])) for j in range(k)]
 
 
-def _out_of_fold_threshold(results: list[TrainResult], splits, by_id: dict[str, Subject], config: TrainConfig,
-                           cache: dict | None, cancel: CancelToken | None) -> float:
-    """PRC-optimal threshold of the members' predictions of the subjects they never trained on."""
-    from .inference import load_model, predict_array, resolve_amp, resolve_device
-    from .metrics import curves_from_histogram, optimal_threshold
+def _out_of_fold(results: list[TrainResult], splits, by_id: dict[str, Subject], config: TrainConfig,
+                 cancel: CancelToken | None) -> tuple[float, list[dict]]:
+    """Threshold and scores of the members' predictions of the subjects they never trained on.
 
-    device = resolve_device(config.device)
-    amp = resolve_amp(config.precision, device)
-    probs, refs = [], []
+    Every subject is predicted by the member that early-stopped on it, on the
+    subject's own grid, as ``predict`` would (flip averaging, cleanup). The
+    threshold is the PRC-optimal one of all these predictions together,
+    kept within ``THRESHOLD_BOUNDS``; each subject's DSC at that threshold is
+    an honest cross-validation estimate of one member (the averaged ensemble
+    is not scored here: every subject was seen by the other members).
+    """
+    from .inference import load_model, predict_volume
+    from .metrics import curves_from_counts, dice, histogram_counts, optimal_threshold
+
+    preds, pos, neg = {}, None, None
     for res, (_, es) in zip(results, splits):
         model = load_model(res.checkpoint)
-        for p in prepare_subjects([by_id[i] for i in es], config.grid, cache):
-            probs.append(predict_array(model.net, model.model_config, p.image, device=device, amp=amp,
-                                       flip_tta=config.flip_tta, cancel=cancel).ravel())
-            refs.append(p.mask.ravel().astype(bool))
-    prob, ref = np.concatenate(probs), np.concatenate(refs)
-    if not ref.any():
-        return 0.5
-    return float(np.clip(optimal_threshold(curves_from_histogram(prob, ref)), *THRESHOLD_BOUNDS))
+        for sid in es:
+            s = by_id[sid]
+            p = predict_volume(model, s.image, flip_tta=config.flip_tta, cleanup=config.cleanup,
+                               device=config.device, precision=config.precision, cancel=cancel)
+            ps, ns = histogram_counts(p.prob.data, s.mask.data.astype(bool))
+            pos, neg = (ps, ns) if pos is None else (pos + ps, neg + ns)
+            preds[sid] = p
+    thr = 0.5
+    if pos is not None and pos.sum() > 0:
+        thr = float(np.clip(optimal_threshold(curves_from_counts(pos, neg)), *THRESHOLD_BOUNDS))
+    scores = [{"subject": sid, "member": j,
+               "dsc": float(dice(preds[sid].mask_at(thr).data > 0, by_id[sid].mask.data > 0))}
+              for j, (_, es) in enumerate(splits) for sid in es]
+    return thr, scores
 
 
 def fit(
@@ -164,8 +178,9 @@ def fit(
                           init_from=init_from)
         results.append(res)
     eff = results[0].config
+    oof: list[dict] = []
     if k > 1:
-        thr = _out_of_fold_threshold(results, splits, by_id, eff, cache, cancel)
+        thr, oof = _out_of_fold(results, splits, by_id, eff, cancel)
         source = f"out-of-fold predictions of {len(subjects)} subjects ({k} members)"
     else:
         thr = results[0].threshold
@@ -175,7 +190,7 @@ def fit(
     states = [load_checkpoint(r.checkpoint)["state_dict"] for r in results]
     if _dist.is_main():  # under torchrun rank 0 alone writes
         save_ensemble(model_file, states, eff.to_dict(), threshold=thr, threshold_source=source,
-                      members_json=json.dumps([{"train": tr, "early_stopping": es,
+                      out_of_fold_json=json.dumps(oof), members_json=json.dumps([{"train": tr, "early_stopping": es,
                                                 "epochs": r.epochs, "stop_reason": r.stop_reason,
                                                 "minutes": r.minutes, "threshold": r.threshold}
                                                for (tr, es), r in zip(splits, results)]))
@@ -185,5 +200,5 @@ def fit(
         torch.cuda.empty_cache()
     return FitResult(model_file, thr, source, results,
                      [{"train": tr, "early_stopping": es} for tr, es in splits],
-                     float(sum(r.minutes for r in results)), eff)
+                     float(sum(r.minutes for r in results)), eff, oof)
 

@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from . import distributed as _dist
 from .cli import (TqdmProgress, add_common_training_args, cancel_on_sigint, config_from_args, dump_json,
                   environment_info, run_main)
@@ -119,6 +121,7 @@ def train_final_model(
             **({"init_from": str(Path(init_from).resolve())} if init_from is not None else {}),
             "train": res.config.to_dict(), "threshold": res.threshold, "threshold_source": res.threshold_source,
             "epochs": res.epochs, "member_epochs": [m.epochs for m in res.members],
+            **({"out_of_fold_dsc": res.out_of_fold} if res.out_of_fold else {}),
             "stop_reason": res.stop_reason, "train_minutes": res.minutes, "environment": environment_info(),
             **({"world_size": world, "global_batch_size": config.batch_size * world} if world > 1 else {})}),
             overwrite=True)
@@ -146,6 +149,12 @@ def _main(args) -> int:
           f"{'+'.join(str(m.epochs) for m in res.members)} ({res.stop_reason}), {res.minutes:.1f} min training, "
           f"best early-stopping DSC {' / '.join(f'{b:.4f}' for b in best)}, threshold {res.threshold:.3f} "
           f"from {res.threshold_source}  ({(time.monotonic() - t0) / 60:.1f} min in all)")
+    if res.out_of_fold:
+        d = np.array([o["dsc"] for o in res.out_of_fold])
+        worst = min(res.out_of_fold, key=lambda o: o["dsc"])
+        print(f"out-of-fold DSC of one member (a {len(res.members)}-fold CV inside the training): "
+              f"{d.mean():.3f} +- {d.std(ddof=1) if len(d) > 1 else 0.0:.3f}, lowest {worst['dsc']:.3f} "
+              f"({worst['subject']}); the averaged ensemble is not scored here")
     return 0
 
 if __name__ == "__main__":
