@@ -96,6 +96,12 @@ def build(ours: dict, peer: dict | None, meta: dict) -> dict:
     if peer is not None:
         out["systems"]["nnU-Net"] = _system(peer)
         a, b = out["systems"]["ours"]["summary"], out["systems"]["nnU-Net"]["summary"]
+        empty = sum(1 for f in peer["folds"] for r in f["subjects"] if not r["dsc"] > 0)
+        if empty:  # a peer that left masks empty did not converge: no ratio (it would only measure that)
+            out["peer_status"] = (f"did not converge in {b['train_minutes_mean']:.0f} CPU-minutes per fold "
+                                  f"(empty masks in {empty} of {b['n_subjects']} subjects); no ratio given")
+            return out
+        out["peer_status"] = "segmented every subject (check both loss curves before reading the ratio)"
         out["ratio_ours_over_nnunet"] = {
             "mean_dsc": round(a["dsc_mean"] / b["dsc_mean"], 4) if b["dsc_mean"] else None,
             "training_time": round(a["train_minutes_mean"] / b["train_minutes_mean"], 4)
@@ -115,6 +121,8 @@ def format_text(result: dict) -> str:
         tm = f"{s['train_minutes_mean']:.1f}+-{s['train_minutes_sd']:.1f}"
         lines.append(f"{name:<8} {'mean+-sd':>9} {s['n_subjects']:>3} {ms} {tm:>11}")
         lines.append("-" * len(head))
+    if result.get("peer_status"):
+        lines.append(f"nnU-Net: {result['peer_status']}")
     r = result.get("ratio_ours_over_nnunet")
     if r:
         def num(v, d):

@@ -58,7 +58,7 @@ def save_ensemble(path: "str | os.PathLike", state_dicts: list[dict], config: di
     }
     if len(state_dicts) > 1:
         payload["member_state_dicts"] = [{k: v.detach().cpu() for k, v in sd.items()} for sd in state_dicts]
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     torch.save(payload, buf)
     return atomic_write_bytes(path, buf.getvalue(), overwrite=True)
 
