@@ -93,7 +93,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(coh
 
     # one model, one config, one history: the same files as one process, written once (rank 0 only)
     assert _files(ddp) == _files(single) == ["config.json", "model.pt", "training/best.pt",
-                                             "training/history.csv", "training/last.pt"]
+                                             "training/history.csv", "training/last.pt", "training/model.pt"]
     assert r.stdout.count("model: ") == 1, r.stdout
     cfg = json.loads((ddp / "config.json").read_text())
     assert (cfg["world_size"], cfg["global_batch_size"], cfg["train"]["batch_size"]) == (2, 4, 2)
