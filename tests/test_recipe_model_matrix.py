@@ -120,7 +120,7 @@ def test_cli_cv_with_a_2d_recipe_and_a_3d_model_runs(tmp_path):
     data = write_varied_cohort(tmp_path / "data", SHAPES + [(20, 22, 7)])
     out = tmp_path / "cv"
     proc = run_cli("cv", ["--data", data, "--recipe", "cpu-2d", "--model", "3d-aniso", "--folds", "3",
-                          "--fold", "0", "--out", out, "--features", "4", "--levels", "3", "--epochs", "1",
+                          "--fold", "0", "--out", out, "--features", "4", "--levels", "3", "--epochs", "1", "--ensemble", "1",
                           "--device", "cpu", "--precision", "fp32"], timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "missing folds: 1, 2" in proc.stdout
