@@ -9,8 +9,9 @@ What it does, on synthetic data (femur_core.synthetic; nothing is downloaded):
 
 1. makes a small synthetic cohort in a temporary folder and opens the
    "Synthetic hip MRI" sample (image + reference femur mask);
-2. docks **Train Fold**, trains fold 0 for a short while and saves
-   ``docs/train_fold.png`` (loss and validation-DSC curves);
+2. docks **Train Fold**, runs a short cross-validation ("all folds", 3 folds on
+   the synthetic-quick recipe the panel picks for a synthetic cohort) and saves
+   ``docs/train_fold.png`` (the per-fold table, loss and validation-DSC curves);
 3. docks **Segment Femur**, segments the sample with the model just trained,
    picks the reference mask in the threshold section and saves
    ``docs/segment_femur.png`` (mask over the image, PR curve with the current
@@ -98,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-out", default="/tmp/napari-femur-real-screenshots",
                     help="where real-scan screenshots go (keep it outside the repository)")
     ap.add_argument("--model", help="checkpoint or run folder for the real scan (default: the synthetic model)")
-    ap.add_argument("--epochs", type=int, default=40, help="epochs of the short training run")
+    ap.add_argument("--epochs", type=int, default=40, help="epochs of each fold of the short run")
     ap.add_argument("--patience", type=int, default=8, help="early-stopping patience of the short run")
-    ap.add_argument("--budget-minutes", type=float, default=12.0,
-                    help="time budget of the short training run (2 busy CPU cores: about 0.1 DSC per minute)")
+    ap.add_argument("--folds", type=int, default=3, help="folds of the short cross-validation")
+    ap.add_argument("--budget-minutes", type=float, default=2.0,
+                    help="time budget of each fold (2 busy CPU cores: about 0.1 DSC per minute)")
     ap.add_argument("--size", default="1680x1050", help="window size WxH")
     ap.add_argument("--keep", action="store_true", help="keep the temporary synthetic data and run folder")
     args = ap.parse_args(argv)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from femur_core.synthetic import make_cohort
     from napari_femur._segment_widget import SegmentFemurWidget
+    from napari_femur._threshold_state import prediction_names
     from napari_femur._train_widget import TrainFoldWidget
 
     out = Path(args.out)
@@ -137,17 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     layers = viewer.open_sample("napari-femur", "synthetic_hip")
     image = next(layer for layer in layers if isinstance(layer, napari.layers.Image))
     reference = next(layer for layer in layers if isinstance(layer, napari.layers.Labels))
-    reference.opacity = 0.45
     show_slice_with_most(viewer, reference)
 
     # ---- Train Fold
     train = TrainFoldWidget(viewer)
     train_dock = viewer.window.add_dock_widget(train, name="Train Fold", area="right")
-    train.data_dir.set_path(data_dir)
-    train.out_dir.set_path(work / "run")
-    train.recipe_combo.setCurrentText("synthetic-quick")
-    train.n_folds.setValue(3)
-    train.fold.setValue(0)
+    train.data_dir.set_path(data_dir)  # recipe synthetic-quick (the folder is a synthetic cohort), output beside it
+    train.set_mode("cv")
+    train.n_folds.setValue(args.folds)
     train.epochs.setValue(args.epochs)
     train.patience.setValue(args.patience)
     train.budget.setValue(args.budget_minutes)
@@ -175,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         print(segment.status.text(), file=sys.stderr)
         return 1
     wait_for(app, lambda: segment.worker is None, what="segmentation")
-    mask_name = f"{image.name} femur mask"
+    mask_name = prediction_names(image.name)[1]
     if mask_name not in viewer.layers:
         print(f"segmentation failed: {segment.status.text()}", file=sys.stderr)
         return 1
     panel = segment.threshold_panel
-    panel.ref_combo.set_layer(reference)
+    panel.ref_combo.set_layer(reference)  # drawn as an outline over the filled prediction
+    reference.visible = True
     opt = panel.optimal_threshold
     if opt is not None:  # the current point a little below the optimum, to see both markers
         panel.set_threshold(max(0.02, opt - 0.12))
@@ -196,7 +197,6 @@ def main(argv: list[str] | None = None) -> int:
             viewer.layers.remove(layer)
         [real_image] = viewer.open(str(real / f"{args.real_subject}_image.nii.gz"), plugin="napari-femur")
         [real_ref] = viewer.open(str(real / f"{args.real_subject}_femur.nii.gz"), plugin="napari-femur")
-        real_ref.opacity = 0.45
         show_slice_with_most(viewer, real_ref)
         viewer.reset_view()
         # the reference mask over the scan, both through the plugin's reader: checks the geometry
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             segment.image_combo.set_layer(real_image)
             segment.run()
             wait_for(app, lambda: segment.worker is None, what="segmentation of the real scan")
-            name = f"{real_image.name} femur mask"
+            name = prediction_names(real_image.name)[1]
             if name in viewer.layers:
                 panel.ref_combo.set_layer(real_ref)
                 panel.jump_to_optimal()

@@ -335,3 +335,97 @@ def test_training_with_layers_holds_out_the_same_fold_and_writes_splits(make_nap
                                      cfg.seed + k)  # as cv.run_fold (honest protocol)
         assert seen == {"train": tr_ids + ["layer:x"], "val": es_ids}
         assert not set(test_ids) & set(seen["train"] + seen["val"])
+
+
+# ----------------------------------------------------------------------------- what to train, recipe, output
+def test_recipe_and_output_follow_the_data_folder(make_napari_viewer, qtbot, tiny_data_folder, tmp_path):
+    from pathlib import Path
+
+    from femur_core.synthetic import make_cohort
+
+    viewer = make_napari_viewer()
+    widget = TrainFoldWidget(viewer)
+    qtbot.addWidget(widget)
+    assert widget.out_dir.path() is None, "no silent default in the home directory"
+    assert widget.start() is None and "choose a data folder" in widget.status.text()
+    assert widget.recipe_combo.currentText() == "cpu-2d"
+    # real-looking scans: the real-data default recipe, output beside the data
+    widget.data_dir.set_path(tiny_data_folder)
+    assert widget.recipe_combo.currentText() == "cpu-2d"
+    out = widget.out_dir.path()
+    assert out.parent == tiny_data_folder.parent / "data-runs" and out.name.startswith("fold-")
+    assert not str(out).startswith(str(Path.home())) or str(tiny_data_folder).startswith(str(Path.home()))
+    widget.set_mode("final")
+    assert widget.out_dir.path().name.startswith("final-") and widget.init_from.isEnabled()
+    assert "femur_core.train" in widget.command.text()
+    # a synthetic cohort: the quick recipe
+    make_cohort(tmp_path / "syn", n=2, seed=0, geometry="tiny")
+    widget.data_dir.set_path(tmp_path / "syn")
+    assert widget.recipe_combo.currentText() == "synthetic-quick"
+    assert "synthetic" in widget.recipe_note.text()
+    # a folder the user picks is kept when the data folder or the job changes
+    widget.out_dir.set_path(tmp_path / "mine")
+    widget.data_dir.set_path(tiny_data_folder)
+    widget.set_mode("cv")
+    assert widget.out_dir.path() == tmp_path / "mine"
+    assert not widget.init_from.isEnabled() and not widget.fold.isEnabled()
+
+
+def test_final_model_then_fine_tune_it_from_the_panel(make_napari_viewer, qtbot, tiny_data_folder, tmp_path):
+    import json
+
+    viewer = make_napari_viewer()
+    widget = TrainFoldWidget(viewer)
+    qtbot.addWidget(widget)
+    _tiny_settings(widget, tiny_data_folder, tmp_path / "model")
+    widget.epochs.setValue(1)
+    widget.set_mode("final")
+    with qtbot.waitSignal(widget.trained, timeout=TIMEOUT_MS) as blocker:
+        assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    first = blocker.args[0]
+    assert first.path == tmp_path / "model" / "model.pt" and first.path.is_file()
+    assert "final" in first.name and (tmp_path / "model" / "config.json").is_file()
+
+    # fine-tune it on the same folder (after corrected scans were added): its architecture is kept
+    widget.out_dir.set_path(tmp_path / "tuned")
+    widget.init_from.set_path(tmp_path / "model")
+    widget.features.setValue(6)  # ignored: the model's own architecture wins
+    assert "--init-from" in widget.command.text()
+    with qtbot.waitSignal(widget.trained, timeout=TIMEOUT_MS) as blocker:
+        assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    tuned = blocker.args[0]
+    assert tuned.path == tmp_path / "tuned" / "model.pt" and "fine-tuned" in tuned.name
+    info = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert info["init_from"] == str((tmp_path / "model").resolve())
+    assert info["train"]["model"]["features"] == 4
+    assert "fine-tuned from" in widget.status.text().lower()
+    assert {m.path for m in session_models().models()} == {first.path, tuned.path}
+
+
+def test_all_folds_fill_the_cross_validation_table(make_napari_viewer, qtbot, tiny_data_folder, tmp_path):
+    import json
+
+    viewer = make_napari_viewer()
+    widget = TrainFoldWidget(viewer)
+    qtbot.addWidget(widget)
+    _tiny_settings(widget, tiny_data_folder, tmp_path / "cv")
+    widget.epochs.setValue(1)
+    widget.set_mode("cv")
+    assert "--fold " not in widget.command.text() and "--folds 2" in widget.command.text()
+    with qtbot.waitSignal(widget.trained, timeout=TIMEOUT_MS):
+        assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    table = widget.cv_table
+    assert not table.isHidden() and table.rowCount() == 3  # fold 0, fold 1, mean
+    report = json.loads((tmp_path / "cv" / "report.json").read_text())
+    for k in (0, 1):
+        result = json.loads((tmp_path / "cv" / f"fold{k}" / "result.json").read_text())
+        assert table.item(k, 0).text() == str(k)
+        assert table.item(k, 1).text() == ", ".join(result["test_subjects"])
+        assert float(table.item(k, 2).text()) == pytest.approx(
+            np.mean([s["dsc"] for s in result["subjects"]]), abs=5e-4)
+    assert table.item(2, 0).text() == "mean"
+    assert table.item(2, 2).text().startswith(f"{report['summary']['dsc_mean']:.3f}")
+    assert "cross-validation DSC" in widget.status.text()

@@ -1,4 +1,13 @@
-"""Train Fold: train (and resume) one cross-validation fold while napari stays usable.
+"""Train Fold: train a model while napari stays usable.
+
+Three jobs, chosen under "train": **one fold** of a cross-validation, **all folds**
+(the whole CV, with a table of per-fold results and the mean), or the **final
+model** on every subject (the model to keep, as ``python -m femur_core.train``),
+optionally **fine-tuned** from an existing model ("start from"), e.g. after
+corrected scans were added to the data folder. The recipe follows the data
+folder (:func:`femur_core.training.recipe_for_data`: ``cpu-2d`` for real scans,
+``synthetic-quick`` for a synthetic cohort); the output goes beside the data
+folder (``<data>-runs/<job>-<time>``) unless the user picks another one.
 
 Training runs :func:`femur_core.cv.run_fold` (the same code and run-folder
 layout as ``python -m femur_core.cv --fold k``: ``config.json``,
@@ -19,6 +28,7 @@ corrected) labels layer back on the source grid as the next free
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shlex
 import time
@@ -30,25 +40,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
+    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QProgressBar,
     QPushButton,
     QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
     QWidget,
 )
 
-from femur_core.cli import config_from_overrides
+from femur_core.cli import args_from_config, config_from_overrides
 from femur_core.data import next_subject_id, subject_file
 from femur_core.errors import Cancelled, InputError, OutputExistsError
 from femur_core.models.registry import MODELS, default_config
 from femur_core.progress import CancelToken, ProgressEvent
-from femur_core.training import RECIPES, TrainConfig
+from femur_core.training import RECIPES, TrainConfig, recipe_for_data
 
 from ._layers import femur_meta, source_volume, world_affine
 from ._plots import TrainingCurvesCanvas
@@ -58,6 +72,7 @@ from ._qt_utils import (
     disable_missing_devices,
     notify_error,
     notify_info,
+    reset_view_when_shown,
     scrolling_layout,
 )
 from ._session import session_models
@@ -67,7 +82,21 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
     from femur_core.data import Subject
 
-__all__ = ["TrainFoldWidget", "TrainPlan", "TrainOutcome", "train_job", "add_training_pair", "next_subject_id"]
+__all__ = ["TrainFoldWidget", "TrainPlan", "TrainOutcome", "train_job", "add_training_pair", "next_subject_id",
+           "MODES", "default_output"]
+
+#: What the Train button trains: key -> label in the "train" chooser.
+MODES = {
+    "fold": "one fold (k of K)",
+    "cv": "all folds (cross-validation table)",
+    "final": "final model on every subject",
+}
+
+
+def default_output(data_dir: "str | os.PathLike", mode: str) -> Path:
+    """Where a run goes by default: beside the data folder, ``<data>-runs/<job>-<time>``."""
+    data = Path(data_dir).resolve()
+    return data.parent / f"{data.name}-runs" / f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -163,9 +192,13 @@ class TrainPlan:
     extra: list = field(default_factory=list)
     seed: int = 0
     resume: bool = False
+    mode: str = "fold"
+    init_from: Path | None = None
 
     @property
     def fold_dir(self) -> Path:
+        if self.mode == "final":
+            return self.run_dir / "training"
         if self.data_dir is None:
             return self.run_dir / "layers"
         return self.run_dir / (f"fold{self.fold}-with-layers" if self.extra else f"fold{self.fold}")
@@ -182,6 +215,7 @@ class TrainOutcome:
     threshold: float | None = None
     stop_reason: str = ""
     note: str = ""
+    cv_summary: dict | None = None
 
 
 def _subjects_cache_key(folder: Path) -> tuple:
@@ -214,6 +248,10 @@ def train_job(plan: TrainPlan, cancel: CancelToken,
                 subject_cache.clear()
                 subject_cache[key] = subjects
         cancel.raise_if_cancelled()
+    if plan.mode == "final":
+        return (yield from _final_job(plan, subjects, cancel))
+    if plan.mode == "cv":
+        return (yield from _cv_job(plan, subjects, cancel))
     fd = plan.fold_dir
     if not plan.resume and ((fd / "last.pt").exists() or (fd / "result.json").exists()):
         raise InputError(fd, "this fold was already trained or started here (e.g. from a terminal); press "
@@ -244,6 +282,49 @@ def train_job(plan: TrainPlan, cancel: CancelToken,
                                    fold=plan.fold)
     return TrainOutcome(res.checkpoint, list(res.history), plan.fold_dir, None, res.threshold,
                         res.stop_reason, note)
+
+
+def _final_job(plan: TrainPlan, subjects: list, cancel: CancelToken) -> Generator[ProgressEvent, None, TrainOutcome]:
+    """The final model on every subject (femur_core.train.train_final_model), optionally fine-tuned."""
+    from femur_core.train import train_final_model
+
+    subjects = list(subjects) + list(plan.extra)
+    if not plan.resume and (plan.fold_dir / "last.pt").exists():
+        raise InputError(plan.fold_dir, "a model was already started here; press Resume to continue it, "
+                                        "or choose another output folder")
+    data = str(plan.data_dir.resolve()) if plan.data_dir is not None else None
+    final = yield from iter_progress(train_final_model, subjects, plan.config, plan.run_dir, cancel=cancel,
+                                     init_from=plan.init_from, data=data)
+    res = final.result
+    start = f"fine-tuned from {plan.init_from}; " if plan.init_from is not None else ""
+    return TrainOutcome(final.model, list(res.history), plan.fold_dir, None, res.threshold, res.stop_reason,
+                        f"{start}trained on {len(final.train_subjects)} subjects, early stopping on "
+                        f"{', '.join(final.early_stopping_subjects)}")
+
+
+def _cv_job(plan: TrainPlan, subjects: list, cancel: CancelToken) -> Generator[ProgressEvent, None, TrainOutcome]:
+    """Every fold of a cross-validation (finished folds are kept, an interrupted one resumes), then the report."""
+    from femur_core.cv import run_fold, setup_run
+    from femur_core.report import write_report
+
+    if plan.extra:
+        raise InputError(None, "open layer pairs can be added to one fold or to the final model, not to a "
+                               "whole cross-validation (its folds are scored on the data folder alone)")
+    setup = setup_run(plan.run_dir, subjects, plan.config, plan.n_folds, plan.seed, "honest",
+                      str(plan.data_dir.resolve()))
+    last = None
+    for k in range(plan.n_folds):
+        result = yield from iter_progress(run_fold, setup, k, cancel=cancel)
+        yield ProgressEvent("fold_result", k, plan.n_folds, fold=k, message=json.dumps(result))
+        last = k, result
+    report, _missing = write_report(plan.run_dir)
+    k, result = last
+    fold_dir = plan.run_dir / f"fold{k}"
+    summary = report.get("summary", {})
+    return TrainOutcome(fold_dir / "best.pt", read_history(fold_dir), fold_dir,
+                        summary.get("dsc_mean"), result.get("threshold"), result.get("stop_reason", ""),
+                        f"{plan.n_folds}-fold cross-validation in {plan.run_dir} (report.json, metrics.csv, "
+                        "plots, predictions/)", summary)
 
 
 # ---------------------------------------------------------------------------- widget
@@ -336,8 +417,35 @@ class TrainFoldWidget(QWidget):
         self.device_combo.addItems(["auto", "cpu", "cuda"])
         self.device_combo.setToolTip("auto: CUDA if available, else CPU")
         disable_missing_devices(self.device_combo)
-        self.out_dir = PathPicker("folder", placeholder="run folder", parent=self)
-        self.out_dir.set_path(Path.home() / "napari-femur-runs" / time.strftime("run-%Y%m%d-%H%M%S"))
+        self.out_dir = PathPicker("folder", placeholder="beside the data folder (<data>-runs/...)", parent=self)
+        self.out_dir.setToolTip("Run / model folder. Filled in beside the data folder when you choose one; "
+                                "type or pick another to keep it")
+        self._out_auto = True  # the output follows the data folder until the user sets one
+        # what to train
+        self.mode_combo = QComboBox(self)
+        for key, label in MODES.items():
+            self.mode_combo.addItem(label, key)
+        self.mode_combo.setToolTip(
+            "one fold: train on the other folds, score fold k (a quick check);\n"
+            "all folds: the whole cross-validation, one row per fold and the mean (how good is this recipe?);\n"
+            "final model: every subject (a few held out for early stopping): the model to keep and use")
+        self.init_from = PathPicker("file_or_folder", filter="Models (*.pt);;All files (*)",
+                                    placeholder="(none: random start)", parent=self)
+        self.init_from.setToolTip(
+            "Fine-tune: start from this model (model.pt, best.pt or its folder) instead of a random start, "
+            "e.g. after adding corrected scans to the data folder. Its architecture and grid are kept; the "
+            "recipe's other settings apply with a 10x smaller learning rate")
+        self.recipe_note = QLabel("", self)
+        self.recipe_note.setWordWrap(True)
+        self.cv_table = QTableWidget(0, 5, self)
+        self.cv_table.setHorizontalHeaderLabels(["fold", "test subjects", "DSC", "threshold", "epochs"])
+        self.cv_table.verticalHeader().setVisible(False)
+        self.cv_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.cv_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.cv_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
+        self.cv_table.setMinimumHeight(90)
+        self.cv_table.setToolTip("Per-fold results of the cross-validation (mean +- sd in the last row)")
+        self.cv_table.hide()
         # actions
         self.train_button = QPushButton("Train", self)
         self.cancel_button = QPushButton("Cancel", self)
@@ -360,12 +468,15 @@ class TrainFoldWidget(QWidget):
         data_box = QGroupBox("Training data", self)
         f = QFormLayout(data_box)
         f.addRow("data folder", self.data_dir)
+        f.addRow("", self.recipe_note)
         f.addRow(self.use_layers)
         f.addRow("image", self.pair_image)
         f.addRow("mask", self.pair_mask)
         f.addRow(self.add_pair_button)
         model_box = QGroupBox("Model and fold", self)
         g = QFormLayout(model_box)
+        g.addRow("train", self.mode_combo)
+        g.addRow("start from", self.init_from)
         g.addRow("recipe", self.recipe_combo)
         g.addRow("model", self.model_combo)
         fl = QHBoxLayout()
@@ -397,6 +508,7 @@ class TrainFoldWidget(QWidget):
         lay.addWidget(self.progress)
         lay.addWidget(self.status)
         lay.addWidget(self.plot, 1)
+        lay.addWidget(self.cv_table)
         lay.addWidget(self.command)
 
         self.recipe_combo.currentTextChanged.connect(self._on_recipe)
@@ -407,18 +519,76 @@ class TrainFoldWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.add_pair_button.clicked.connect(self.add_corrected_mask)
         self.use_layers.toggled.connect(self._sync_enabled)
+        self.mode_combo.currentIndexChanged.connect(lambda _: self._on_mode())
+        self.data_dir.path_changed.connect(lambda _: self._on_data_dir())
+        self.out_dir.path_changed.connect(self._on_out_dir)
+        self.init_from.path_changed.connect(lambda _: self._sync_enabled())
+        self.epochs.valueChanged.connect(self._on_epochs)
+        reset_view_when_shown(self, self.viewer)
         for w in (self.data_dir, self.out_dir):
             w.path_changed.connect(lambda _: self._sync_enabled())
         for w in (self.fold, self.n_folds, self.seed, self.features, self.levels, self.epochs, self.patience):
             w.valueChanged.connect(lambda _: self._update_command())
         self.budget.valueChanged.connect(lambda _: self._update_command())
         self.device_combo.currentTextChanged.connect(lambda _: self._update_command())
-        default = "synthetic-quick" if "synthetic-quick" in RECIPES else next(iter(RECIPES))
+        default = recipe_for_data(None)  # the real-data default until a data folder says otherwise
         self.recipe_combo.setCurrentText(default)
         self._on_recipe(default)
+        self._on_mode()
         self._sync_enabled()
 
     # ------------------------------------------------------------------ settings
+    @property
+    def mode(self) -> str:
+        """``"fold"``, ``"cv"`` or ``"final"`` (see :data:`MODES`)."""
+        return self.mode_combo.currentData()
+
+    def set_mode(self, mode: str) -> None:
+        """Choose what Train trains (a key of :data:`MODES`)."""
+        self.mode_combo.setCurrentIndex(self.mode_combo.findData(mode))
+
+    def _on_mode(self) -> None:
+        mode = self.mode
+        self.fold.setEnabled(mode == "fold")
+        self.n_folds.setEnabled(mode != "final")
+        self.init_from.setEnabled(mode == "final")
+        self.cv_table.setVisible(mode == "cv" and self.cv_table.rowCount() > 0)
+        self.train_button.setText({"fold": "Train fold", "cv": "Run cross-validation",
+                                   "final": "Train final model"}[mode])
+        self._auto_output()
+        self._update_command()
+
+    def _on_data_dir(self) -> None:
+        """A new data folder: the recipe that fits it, and an output folder beside it."""
+        data = self.data_dir.path()
+        if data is not None and data.is_dir():
+            name = recipe_for_data(data)
+            if name in RECIPES and name != self.recipe_combo.currentText():
+                self.recipe_combo.setCurrentText(name)  # -> _on_recipe
+            what = "a synthetic cohort" if name == "synthetic-quick" else "scans (the real-data default)"
+            self.recipe_note.setText(f"recipe {name}: {what}")
+        else:
+            self.recipe_note.setText("")
+        self._auto_output()
+
+    def _auto_output(self) -> None:
+        data = self.data_dir.path()
+        if self._out_auto and data is not None and data.is_dir():
+            self._setting_out = True
+            try:
+                self.out_dir.set_path(default_output(data, self.mode))
+            finally:
+                self._setting_out = False
+
+    def _on_out_dir(self, text: str) -> None:
+        if not getattr(self, "_setting_out", False):  # set by the user (or a caller): keep it
+            self._out_auto = not text.strip()
+
+    def _on_epochs(self, value: int) -> None:
+        self.plot.planned_epochs = int(value)
+        if not self.plot.epochs and not self.plot.step_x:
+            self.plot.redraw()
+
     @property
     def config_overrides(self) -> dict:
         """Extra TrainConfig fields applied last (setting them updates the terminal command)."""
@@ -470,8 +640,14 @@ class TrainFoldWidget(QWidget):
             self.command.setText("")
             return
         try:
-            cmd = cv_command(self.build_config(), self.recipe_combo.currentText(), data=data, out=out,
-                             n_folds=self.n_folds.value(), fold=self.fold.value())
+            if self.mode == "final":
+                cmd = ["python", "-m", "femur_core.train", "--data", os.fspath(data), "--out", os.fspath(out),
+                       *args_from_config(self.build_config(), self.recipe_combo.currentText())]
+                if self.init_from.path() is not None:
+                    cmd += ["--init-from", os.fspath(self.init_from.path())]
+            else:
+                cmd = cv_command(self.build_config(), self.recipe_combo.currentText(), data=data, out=out,
+                                 n_folds=self.n_folds.value(), fold=self.fold.value() if self.mode == "fold" else None)
         except ValueError as exc:
             self.command.setText(f"No terminal command for these settings: {exc}")
             return
@@ -503,9 +679,6 @@ class TrainFoldWidget(QWidget):
         data = self.data_dir.path()
         if data is not None and not data.is_dir():
             raise InputError(data, "data folder does not exist")
-        out = self.out_dir.path()
-        if out is None:
-            raise InputError(None, "choose an output (run) folder")
         extra: list[Subject] = []
         if self.use_layers.isChecked():
             img_layer, msk_layer = self.pair_image.current_layer(), self.pair_mask.current_layer()
@@ -523,15 +696,32 @@ class TrainFoldWidget(QWidget):
             extra.append(Subject(f"layer:{img_layer.name}", img, check_mask(msk, img)))
         if data is None and not extra:
             raise InputError(None, "choose a data folder, or tick 'add open image + mask layers'")
-        return TrainPlan(out, self.fold.value(), self.n_folds.value(), self.build_config(), data, extra,
-                         self.seed.value(), resume)
+        out = self.out_dir.path()
+        if out is None:
+            raise InputError(None, "choose an output folder (it is filled in beside the data folder when you "
+                                   "choose one)")
+        cfg = self.build_config()
+        init = self.init_from.path() if self.mode == "final" else None
+        if init is not None:
+            from femur_core.finetune import finetune_config
+
+            cfg = finetune_config(init, cfg)
+        if self.mode == "cv" and data is None:
+            raise InputError(None, "a cross-validation needs a data folder")
+        return TrainPlan(out, self.fold.value(), self.n_folds.value(), cfg, data, extra,
+                         self.seed.value(), resume, self.mode, init)
 
     def _resumable(self) -> bool:
         plan = self._plan
         if plan is None:
             return False
+        if plan.mode == "cv":  # any fold started and not finished
+            return self.last_outcome is None and any(
+                (plan.run_dir / f"fold{k}" / "last.pt").exists() and not (plan.run_dir / f"fold{k}" / "result.json").exists()
+                for k in range(plan.n_folds))
         fd = plan.fold_dir
-        return (fd / "last.pt").exists() and not (fd / "result.json").exists() and self.last_outcome is None
+        finished = (fd / "result.json").exists() or (plan.mode == "final" and (plan.run_dir / "model.pt").exists())
+        return (fd / "last.pt").exists() and not finished and self.last_outcome is None
 
     # ------------------------------------------------------------------ actions
     def start(self, resume: bool = False) -> Any:
@@ -548,7 +738,7 @@ class TrainFoldWidget(QWidget):
             else:
                 plan = self.current_plan(resume)
                 fd = plan.fold_dir
-                if not resume and ((fd / "last.pt").exists() or (fd / "result.json").exists()):
+                if plan.mode == "fold" and not resume and ((fd / "last.pt").exists() or (fd / "result.json").exists()):
                     self._plan = plan
                     raise InputError(fd, "this fold was already trained or started here; press Resume to "
                                          "continue it, or choose another output folder")
@@ -563,6 +753,8 @@ class TrainFoldWidget(QWidget):
             self.plot.reset(read_history(plan.fold_dir))
         else:
             self.plot.reset()
+        if plan.mode == "cv" and not resume:
+            self.cv_table.setRowCount(0)
         worker = create_worker(train_job, plan, self._cancel, self._subject_cache,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(self._on_progress)
@@ -571,7 +763,9 @@ class TrainFoldWidget(QWidget):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.progress.setRange(0, 0)
-        self.status.setText(("Resuming" if resume else "Starting") + f" fold {plan.fold} in {plan.fold_dir}…")
+        what = {"fold": f"fold {plan.fold}", "cv": f"{plan.n_folds}-fold cross-validation",
+                "final": "the final model"}[plan.mode]
+        self.status.setText(("Resuming" if resume else "Starting") + f" {what} in {plan.run_dir}…")
         self._sync_enabled()
         worker.start()
         return worker
@@ -599,6 +793,9 @@ class TrainFoldWidget(QWidget):
             self.plot.add_epoch(ev.epoch, ev.loss, ev.val_dsc)
             self.plot.redraw()
             self.status.setText(f"Fold {ev.fold}: epoch {ev.epoch}: loss {ev.loss:.4f}, validation DSC {ev.val_dsc:.4f}")
+        elif ev.stage == "fold_result":
+            self._add_cv_row(json.loads(ev.message))
+            self.plot.reset()
         elif ev.stage == "score":
             self.progress.setRange(0, max(ev.total, 1))
             self.progress.setValue(ev.step)
@@ -620,19 +817,48 @@ class TrainFoldWidget(QWidget):
         self.progress.setValue(1 if self.last_outcome is not None else 0)
         self._sync_enabled()
 
+    def _add_cv_row(self, result: dict) -> None:
+        """One finished fold of a cross-validation in the table."""
+        dscs = [s["dsc"] for s in result.get("subjects", []) if s.get("dsc") is not None]
+        row = self.cv_table.rowCount()
+        self.cv_table.insertRow(row)
+        cells = [str(result.get("fold", row)), ", ".join(result.get("test_subjects", [])),
+                 f"{np.mean(dscs):.3f}" if dscs else "-", f"{float(result.get('threshold', float('nan'))):.3f}",
+                 str(result.get("epochs", ""))]
+        for c, text in enumerate(cells):
+            self.cv_table.setItem(row, c, QTableWidgetItem(text))
+        self.cv_table.setVisible(True)
+
+    def _add_cv_summary(self, summary: dict) -> None:
+        row = self.cv_table.rowCount()
+        self.cv_table.insertRow(row)
+        mean, sd = summary.get("dsc_mean", float("nan")), summary.get("dsc_sd", float("nan"))
+        cells = ["mean", f"{summary.get('n_subjects', '')} subjects", f"{mean:.3f} ± {sd:.3f}", "", ""]
+        for c, text in enumerate(cells):
+            self.cv_table.setItem(row, c, QTableWidgetItem(text))
+
     def _on_returned(self, outcome: TrainOutcome) -> None:
         self.last_outcome = outcome
         plan = self._plan
         self.plot.reset(outcome.history)
         model_name = plan.config.model.name if plan is not None else "model"
-        label = (f"fold {plan.fold}/{plan.n_folds} {model_name}" if plan is not None and plan.data_dir is not None
-                 else f"{model_name} on layers")
+        if plan is not None and plan.mode == "final":
+            label = f"final {model_name}" + (" (fine-tuned)" if plan.init_from is not None else "")
+        elif plan is not None and plan.mode == "cv":
+            label = f"CV fold {plan.n_folds - 1}/{plan.n_folds} {model_name}"
+            if outcome.cv_summary is not None:
+                self._add_cv_summary(outcome.cv_summary)
+        else:
+            label = (f"fold {plan.fold}/{plan.n_folds} {model_name}" if plan is not None and plan.data_dir is not None
+                     else f"{model_name} on layers")
         best = max((h.get("val_dsc", float("nan")) for h in outcome.history), default=float("nan"))
         scores = f"best validation DSC {best:.3f}"
         if outcome.test_dsc is not None:
-            scores += f", test DSC {outcome.test_dsc:.3f}"
+            scores += (f", cross-validation DSC {outcome.test_dsc:.3f}" if plan is not None and plan.mode == "cv"
+                       else f", test DSC {outcome.test_dsc:.3f}")
         desc = f"{label}: {scores} ({outcome.checkpoint})"
-        entry = session_models().add(f"{label} ({outcome.fold_dir.parent.name})", outcome.checkpoint, desc,
+        entry = session_models().add(f"{label} ({plan.run_dir.name if plan is not None else ''})",
+                                     outcome.checkpoint, desc,
                                      outcome.history)
         stopped = (outcome.stop_reason or "finished").replace("_", " ")
         note = f" {outcome.note[0].upper()}{outcome.note[1:]}." if outcome.note else ""
