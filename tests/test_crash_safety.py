@@ -41,6 +41,10 @@ from reliability_utils import QUICK_TRAIN, cli_env, leftovers, write_cohort
 
 torch.set_num_threads(1)
 
+#: how long a subprocess may take before the test gives up on it: a hang detector, not a timing
+#: check (about 30 s on two idle cores; ten times that on a machine shared by several jobs)
+WATCHDOG_S = 900
+
 
 @pytest.fixture(scope="module")
 def subjects(tmp_path_factory):
@@ -163,7 +167,7 @@ def _popen(module: str, args: list) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = WATCHDOG_S) -> None:
     t0 = time.monotonic()
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
@@ -178,7 +182,7 @@ def test_ctrl_c_stops_training_with_one_line_and_the_same_command_resumes(tmp_pa
     proc = _popen("train", args)
     _wait_for(out / "training" / "history.csv", proc)  # epoch 1 is done, epoch 2 is running
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=WATCHDOG_S)
     assert proc.returncode == 130, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert "Traceback" not in err and lines[-1].startswith("error: training cancelled at epoch")
@@ -188,7 +192,7 @@ def test_ctrl_c_stops_training_with_one_line_and_the_same_command_resumes(tmp_pa
     done = len(json.loads(state["history_json"]))
     assert done >= 1 and not (out / "model.pt").exists() and not leftovers(out)
     proc = _popen("train", args)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=WATCHDOG_S)
     assert proc.returncode == 0, err
     assert "resumed at epoch" in err
     rows = (out / "training" / "history.csv").read_text().splitlines()[1:]
@@ -220,7 +224,7 @@ def _check_complete(run: Path) -> int:
     return n
 
 
-def _wait_for_first_write(run: Path, proc: subprocess.Popen, since: float, timeout: float = 90) -> None:
+def _wait_for_first_write(run: Path, proc: subprocess.Popen, since: float, timeout: float = WATCHDOG_S) -> None:
     """Until a file in ``run`` is newer than ``since`` (or the process ends)."""
     t0 = time.monotonic()
     while proc.poll() is None and time.monotonic() - t0 < timeout:
@@ -296,27 +300,28 @@ def test_kill_9_mid_epoch_then_resume_gives_the_weights_of_an_uninterrupted_run(
     t0 = time.monotonic()
     while not any(e == 3 and s >= 1 for e, s, _ in _steps(steps)):  # epoch 2 saved, epoch 3 has begun
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - t0 < 240, "training never reached epoch 3"
+        assert time.monotonic() - t0 < WATCHDOG_S, "training never reached epoch 3"
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     epoch, step, total = _steps(steps)[-1]
-    # the kill landed inside epoch 3's training steps: some steps of it done, not all of them
-    assert epoch == 3 and 1 <= step < total, (epoch, step, total)
+    # the kill landed inside an epoch's training steps (epoch 3, or a later one where this test was
+    # starved of CPU while training went on): some steps of it done, not all of them
+    assert epoch >= 3 and 1 <= step < total, (epoch, step, total)
     state = load_checkpoint(out / "training" / "last.pt")
-    assert (int(state["epoch"]), int(state["step"])) == (2, 0)  # the checkpoint the resume starts from
+    assert (int(state["epoch"]), int(state["step"])) == (epoch - 1, 0)  # the checkpoint the resume starts from
     assert not (out / "model.pt").exists()  # the run had not finished
     proc = _popen_probed("train", args(out), steps)
-    _, err = proc.communicate(timeout=240)
+    _, err = proc.communicate(timeout=WATCHDOG_S)
     assert proc.returncode == 0, err
-    assert "resumed at epoch 3, step 0" in err
-    _, ref_err = reference.communicate(timeout=240)
+    assert f"resumed at epoch {epoch}, step 0" in err
+    _, ref_err = reference.communicate(timeout=WATCHDOG_S)
     assert reference.returncode == 0, ref_err
     resumed = _steps(steps)
-    # epochs 3-5 were trained once after the resume, as in the reference run
+    # the killed epoch and the rest were trained once after the resume, as in the reference run
     after = resumed[resumed.index((epoch, step, total)) + 1:]
-    assert after == [t for t in _steps(tmp_path / "ref_steps.txt") if t[0] >= 3]
+    assert after == [t for t in _steps(tmp_path / "ref_steps.txt") if t[0] >= epoch]
     for name in ("model.pt", "training/last.pt"):
         mine, ref = _weights(out / name), _weights(ref_out / name)
         assert mine.keys() == ref.keys()
@@ -369,9 +374,9 @@ def test_kill_9_at_random_moments_leaves_whole_files_and_the_run_completes(tmp_p
     assert kills[0][1] == -signal.SIGKILL, kills  # at least one kill landed (the first is at most 3 s in)
     assert sum(k[2] for k in kills if k[1] != 0) > 0, kills  # ... with files on disk to check
     proc = _popen("cv", args(run))
-    _, err = proc.communicate(timeout=180)
+    _, err = proc.communicate(timeout=WATCHDOG_S)
     assert proc.returncode == 0, f"seed {seed}, kills {kills}: {err}"
-    _, ref_err = reference.communicate(timeout=180)
+    _, ref_err = reference.communicate(timeout=WATCHDOG_S)
     assert reference.returncode == 0, ref_err
     _check_complete(run)
     rep, ref = (json.loads((d / "report.json").read_text()) for d in (run, ref_out))
