@@ -2,7 +2,8 @@
 spacing as its manifest.json says, and a one-epoch train + predict on two subjects whose masks carry
 the scans' exact affine. Skips, saying where it looked, where the folder is absent.
 
-Short by design: headers for all subjects, full volumes for two, a 4-feature network on a 7.2 mm grid.
+Short by design: headers for all subjects, full volumes for two, one 4-feature network (no ensemble)
+on a 7.2 mm grid.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def test_one_epoch_train_and_predict_on_two_subjects_keeps_each_scans_affine(tmp
             (data / f"{sid}_{kind}.nii.gz").symlink_to(DATA / f"{sid}_{kind}.nii.gz")
     model = tmp_path / "model"
     proc = run_cli("train", ["--data", data, "--out", model, "--model", "2d-same", "--features", "4", "--levels", "3",
-                             "--epochs", "1", "--in-plane-spacing", "7.2", "--device", "cpu", "--precision", "fp32"],
+                             "--epochs", "1", "--in-plane-spacing", "7.2", "--ensemble", "1", "--device", "cpu",
+                             "--precision", "fp32"],
                    timeout=600)
     assert proc.returncode == 0, proc.stderr
     config = json.loads((model / "config.json").read_text())
