@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training failed: {train.status.text()}", file=sys.stderr)
         return 1
     print(f"trained in {time.monotonic() - t0:.0f} s: {train.status.text()}")
+    from qtpy.QtWidgets import QScrollArea
+
+    for area in train.findChildren(QScrollArea):  # show the results: the curves and the per-fold table
+        area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
     shoot(viewer, app, out / "train_fold.png")
     train_dock.hide()
     reference.visible = False

@@ -47,8 +47,11 @@ class _ResetOnShow(QObject):
     def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt API
         if not self._done and event.type() == QEvent.Show:
             self._done = True
-            # after the dock took its width from the canvas: the next turn of the event loop
-            QTimer.singleShot(0, lambda: reset_view(self._viewer))
+            # after the dock took its width from the canvas: the next turn of the event loop, and once
+            # more when napari's style sheet has resized the dock's contents
+            viewer = self._viewer
+            QTimer.singleShot(0, lambda: reset_view(viewer))
+            QTimer.singleShot(500, lambda: reset_view(viewer))
         return False
 
 

@@ -51,6 +51,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QProgressBar,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -72,6 +73,7 @@ from ._qt_utils import (
     disable_missing_devices,
     notify_error,
     notify_info,
+    reset_view,
     reset_view_when_shown,
     scrolling_layout,
 )
@@ -444,6 +446,8 @@ class TrainFoldWidget(QWidget):
         self.cv_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         self.cv_table.horizontalHeader().setSectionResizeMode(1, QHeaderView.Stretch)
         self.cv_table.setMinimumHeight(90)
+        # its columns must not widen the dock (that narrows the canvas and crops the scan): width 0 in layouts
+        self.cv_table.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
         self.cv_table.setToolTip("Per-fold results of the cross-validation (mean +- sd in the last row)")
         self.cv_table.hide()
         # actions
@@ -865,6 +869,7 @@ class TrainFoldWidget(QWidget):
         self.status.setText(f"Done (stopped: {stopped}). {label}: {scores}.{note} "
                             f"Model {outcome.checkpoint}, now offered in Segment Femur.")
         notify_info(f"Model trained: {entry.name}")
+        reset_view(self.viewer)
         self.trained.emit(entry)
 
     def add_corrected_mask(self) -> tuple[Path, Path] | None:
