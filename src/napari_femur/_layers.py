@@ -11,8 +11,19 @@ source scan's own grid and orientation::
         "source": "/path/to/sub01_image.nii.gz" or None,
         "reorientation": Reorientation.to_dict() or None,
         "canonical_affine": 4 x 4 list (voxel -> RAS+ mm of the layer data),
+        "display": "affine" or "orthogonal" (see below),
+        "dicom": {...} (scans read from DICOM: the source files, for DICOM SEG),
         ...  # role-specific: "image_layer", "mask_layer", "threshold", "model"
     }
+
+Oblique scans (slices a little off the scanner axes, like the development scans
+tilted by about 1.8 degrees) are shown with ``scale`` and ``translate`` only, the
+voxel grid placed in the nearest orthogonal orientation and centred where the
+exact affine puts the volume's centre (:func:`display_placement`): with a rotation
+in the layer transform napari warns "Non-orthogonal slicing is being requested"
+on every slice change. The exact affine stays in ``canonical_affine`` and is what
+every saved mask and every prediction uses; a layer still at its display
+placement counts as unmoved.
 
 Nothing here imports napari or Qt at module level, so the functions can be used
 on the plain attribute dictionaries napari hands to writers.
@@ -37,6 +48,8 @@ from femur_core.volume import (
 
 __all__ = [
     "META_KEY",
+    "display_placement",
+    "is_oblique",
     "geometry_metadata",
     "layer_kwargs",
     "femur_meta",
@@ -51,6 +64,36 @@ META_KEY = "femur"
 
 #: napari world axes of canonical layers (femur_core.volume.napari_affine).
 AXIS_LABELS = ("posterior", "inferior", "left")
+
+
+def is_oblique(canonical_affine: np.ndarray, tol: float = 1e-6) -> bool:
+    """Whether a canonical volume's axes are off napari's world axes (a rotated scan)."""
+    m = napari_affine(canonical_affine)[:3, :3]
+    off = m - np.diag(np.diag(m))
+    return bool(np.abs(off).max() > tol * np.abs(m).max())
+
+
+def display_placement(canonical_affine: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``scale`` and ``translate`` that show a (possibly oblique) canonical volume without rotation.
+
+    The voxel size along each axis is kept; the volume's centre lands where the
+    exact affine puts it (so the approximation error of an oblique scan is split
+    evenly between its edges).
+    """
+    m = napari_affine(canonical_affine)
+    lin = m[:3, :3]
+    scale = np.sqrt((lin ** 2).sum(axis=0)) * np.sign(np.where(np.diag(lin) == 0, 1.0, np.diag(lin)))
+    centre = (np.asarray(shape[-3:], dtype=float) - 1) / 2
+    translate = (m @ np.append(centre, 1.0))[:3] - scale * centre
+    return scale, translate
+
+
+def display_matrix(canonical_affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The 4 x 4 data -> world matrix of :func:`display_placement`."""
+    scale, translate = display_placement(canonical_affine, shape)
+    out = np.diag(np.append(scale, 1.0))
+    out[:3, 3] = translate
+    return out
 
 
 def geometry_metadata(
@@ -117,18 +160,25 @@ def layer_kwargs(
     Returns
     -------
     dict
-        ``name``, ``affine`` (napari world = posterior, inferior, left in mm),
+        ``name``, ``affine`` (napari world = posterior, inferior, left in mm) or,
+        for an oblique scan, ``scale`` and ``translate`` (:func:`display_placement`),
         ``metadata``, ``units`` and ``axis_labels``.
     """
-    return {
+    oblique = is_oblique(canon.affine)
+    out = {
         "name": name,
-        "affine": napari_affine(canon.affine),
         "metadata": geometry_metadata(
-            canon.affine, reorientation, role=role, source=canon.source, **extra
+            canon.affine, reorientation, role=role, source=canon.source,
+            display="orthogonal" if oblique else "affine", **extra
         ),
         "units": ("mm", "mm", "mm"),
         "axis_labels": AXIS_LABELS,
     }
+    if oblique:
+        out["scale"], out["translate"] = display_placement(canon.affine, canon.shape)
+    else:
+        out["affine"] = napari_affine(canon.affine)
+    return out
 
 
 def femur_meta(metadata: Mapping | None) -> dict:
@@ -225,12 +275,34 @@ def volume_from_layer(layer: Any) -> Volume:
         raise ValueError(
             f"layer {layer.name!r} is {data.ndim}D (shape {data.shape}); a 3D MRI volume is needed"
         )
-    affine = affine_from_napari(world_affine(layer))
+    world = world_affine(layer)
     meta = femur_meta(layer.metadata)
+    exact = _exact_affine(meta, world, data.shape)
+    affine = exact if exact is not None else affine_from_napari(world)
     return Volume(data, affine, meta.get("source") or layer.name, {"layer": layer.name})
 
 
-def _reorientation(meta: Mapping, world: np.ndarray | None, atol: float = 1e-3) -> Reorientation | None:
+def _exact_affine(meta: Mapping, world: np.ndarray | None, shape: tuple[int, ...],
+                  atol: float = 1e-3) -> np.ndarray | None:
+    """The layer data's exact voxel -> RAS+ affine from its metadata, if the layer is unmoved.
+
+    Unmoved: placed by the exact affine or by its orthogonal display placement.
+    """
+    canon = meta.get("canonical_affine")
+    if canon is None:
+        return None
+    canon = np.asarray(canon, dtype=float)
+    if world is None:
+        return canon
+    if np.allclose(napari_affine(canon), world, atol=atol):
+        return canon
+    if len(shape) == 3 and np.allclose(display_matrix(canon, shape), world, atol=atol):
+        return canon
+    return None
+
+
+def _reorientation(meta: Mapping, world: np.ndarray | None, shape: tuple[int, ...] = (),
+                   atol: float = 1e-3) -> Reorientation | None:
     """The stored reorientation, if present and still describing the layer's placement."""
     d = meta.get("reorientation")
     if not d:
@@ -239,10 +311,9 @@ def _reorientation(meta: Mapping, world: np.ndarray | None, atol: float = 1e-3) 
         reo = Reorientation.from_dict(d)
     except (KeyError, TypeError, ValueError):
         return None
-    canon = meta.get("canonical_affine")
-    if world is not None and canon is not None:
+    if world is not None and meta.get("canonical_affine") is not None:
         # the user may have moved the layer since; then its own placement wins
-        if not np.allclose(napari_affine(np.asarray(canon, dtype=float)), world, atol=atol):
+        if _exact_affine(meta, world, shape, atol) is None:
             return None
     return reo
 
@@ -268,7 +339,7 @@ def source_volume(data: np.ndarray, metadata: Mapping | None, world: np.ndarray)
     """
     data = np.asarray(data)
     meta = femur_meta(metadata)
-    reo = _reorientation(meta, world)
+    reo = _reorientation(meta, world, data.shape)
     if reo is not None:
         try:
             vol = from_canonical(data, reo)

@@ -9,6 +9,14 @@ which the writer uses.
 
 Masks (an integer file whose name says mask / femur / label / seg / bones, or
 that holds only 0 and 1) open as labels layers.
+
+DICOM: compressed and enhanced multi-frame series open like any other
+(:mod:`femur_core.dicom`). A folder holding several series opens as one layer
+per series, named by series number, description and slice count (a series that cannot form a
+3D volume, e.g. a localizer, is left out with a warning naming it); the chosen
+layer is what the Segment widget segments. A scan read from DICOM keeps its
+source files in ``metadata["femur"]["dicom"]``, so masks of it can be saved as
+DICOM SEG.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from femur_core.dicom import list_series
+from femur_core.errors import InputError
 from femur_core.volume_io import read_volume
 from femur_core.volume import Volume, to_canonical
 
@@ -115,7 +125,8 @@ def volume_layer_data(
     canon, reo = to_canonical(vol)
     if source is not None:
         canon.source = os.fspath(source)
-    kwargs = layer_kwargs(canon, reo, name=name, role="mask" if labels else "image")
+    extra = {"dicom": vol.meta["dicom"]} if vol.meta.get("dicom") else {}
+    kwargs = layer_kwargs(canon, reo, name=name, role="mask" if labels else "image", **extra)
     if labels:
         data = np.asarray(canon.data)
         if data.dtype == bool or data.dtype.itemsize > 4:
@@ -146,10 +157,35 @@ def read_paths(paths: "str | os.PathLike | Sequence[str | os.PathLike]") -> list
     layers: list[LayerDataTuple] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_file() and path.suffix.lower() == ".dcm":
-            path = path.parent
+        if path.is_dir():
+            layers.extend(_read_dicom_folder(path))
+            continue
         vol = read_volume(path)
         layers.append(volume_layer_data(vol, name=_stem(path), source=path))
+    return layers
+
+
+def _read_dicom_folder(folder: Path) -> list[LayerDataTuple]:
+    """One layer per series of a DICOM folder (the only one, or each of several)."""
+    series = list_series(folder)
+    if len(series) == 1:
+        return [volume_layer_data(read_volume(folder), name=folder.name, source=folder)]
+    layers, failed = [], []
+    for s in series:
+        try:
+            vol = read_volume(folder, series=s.uid)
+        except InputError as exc:
+            failed.append(f"{s.label()}: {exc.problem}")
+            continue
+        tag = f"#{s.number} " if s.number is not None else ""
+        name = f"{folder.name} {tag}{s.description} ({s.n_slices} slices)"
+        layers.append(volume_layer_data(vol, name=name, source=folder))
+    if not layers:
+        raise InputError(folder, f"none of its {len(series)} DICOM series forms a 3D volume: " + "; ".join(failed))
+    if failed:
+        import warnings
+
+        warnings.warn(f"{folder}: {len(failed)} series left out: " + "; ".join(failed), stacklevel=2)
     return layers
 
 

@@ -1,4 +1,4 @@
-"""napari writer: a labels layer -> NIfTI on the source scan's own grid.
+"""napari writer: a labels layer -> NIfTI, NRRD, MHA or DICOM SEG on the source scan's own grid.
 
 A mask drawn or predicted on a layer this plugin opened is in the canonical
 layout; the writer maps it back with the reorientation stored in
@@ -6,6 +6,12 @@ layout; the writer maps it back with the reorientation stored in
 and affine as the scan it belongs to (and overlays it in any viewer). A labels
 layer without that metadata (or one the user has moved since) is written with
 the affine of its own napari placement (``affine_from_napari``).
+
+The file suffix picks the format (:data:`femur_core.export.MASK_FORMATS`):
+``.nii.gz`` / ``.nii``, ``.nrrd``, ``.mha``, or ``.dcm`` / ``.seg.dcm`` for a DICOM
+SEG, which needs the layer's scan to have been read from DICOM (its source files
+are in ``metadata["femur"]["dicom"]``). Oblique scans are shown without rotation
+(see :mod:`napari_femur._layers`) but saved with their exact affine.
 """
 
 from __future__ import annotations
@@ -16,17 +22,19 @@ from typing import Any
 
 import numpy as np
 
+from femur_core.export import MASK_FORMATS, format_of, write_mask
 from femur_core.volume_io import write_volume
 from femur_core.volume import Volume
 
-from ._layers import source_volume, world_affine
+from ._layers import femur_meta, source_volume, world_affine
 
 __all__ = ["write_labels", "labels_to_volume"]
 
 
 def _with_nifti_suffix(path: "str | os.PathLike") -> Path:
+    """The path as given when it names a mask format, else with ``.nii.gz`` appended."""
     p = Path(path)
-    if not p.name.lower().endswith((".nii", ".nii.gz")):
+    if not p.name.lower().endswith(tuple(MASK_FORMATS.values()) + (".dcm",)):
         p = p.with_name(p.name + ".nii.gz")
     return p
 
@@ -71,7 +79,7 @@ def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     Parameters
     ----------
     path : str
-        Target file; ``.nii.gz`` is appended when it has no NIfTI suffix.
+        Target file; its suffix picks the format (``.nii.gz`` is appended when it names none).
         napari's save dialog has already asked before replacing an existing
         file, so an existing target is overwritten here.
     data : array-like
@@ -86,5 +94,9 @@ def write_labels(path: str, data: Any, attributes: dict) -> list[str]:
     """
     target = _with_nifti_suffix(path)
     vol = labels_to_volume(data, attributes)
-    written = write_volume(vol, target, overwrite=True)
+    if format_of(target) in ("nii", "nii.gz"):
+        written = write_volume(vol, target, overwrite=True)  # keeps label values above 255
+    else:
+        dicom = femur_meta(attributes.get("metadata")).get("dicom")
+        written = write_mask(vol, target, source=dicom, overwrite=True)
     return [os.fspath(written)]
