@@ -8,7 +8,7 @@ import pytest
 from dicom_utils import CODECS, compress_series, phantom, rotation, write_enhanced, write_series
 from femur_core.dicom import list_series, read_dicom
 from femur_core.errors import InputError, OutputExistsError
-from femur_core.volume_io import read_volume
+from femur_core.volume_io import read_volume, write_volume
 from femur_core.volume import Volume
 
 # an oblique, anisotropic geometry: rows / columns rotated ~10 degrees off the coronal plane
@@ -142,7 +142,7 @@ def test_dicom_seg_references_the_source_and_lands_on_its_slices(tmp_path, serie
         assert d.SegmentedPropertyTypeCodeSequence[0].CodeValue == "71341001"  # SCT Femur
         assert d.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"  # Anatomical Structure
     # each SEG frame names the source image it lies on; its pixels are the mask of that slice
-    frames = seg.pixel_array
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))  # one frame reads as 2D
     seen = set()
     for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
         ref = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
@@ -157,6 +157,25 @@ def test_dicom_seg_references_the_source_and_lands_on_its_slices(tmp_path, serie
     assert seen == expect  # every non-empty (slice, segment) is there, nothing else
 
 
+def test_dicom_seg_of_a_mask_on_one_slice_and_of_an_empty_mask(tmp_path, series):
+    import highdicom as hd
+    import pydicom
+
+    from femur_core.export import write_mask
+
+    _, geo = series
+    image = read_volume(tmp_path / "plain")
+    one = np.zeros(image.shape, np.uint8)
+    one[2, 4:9, 3:7] = 1
+    seg = hd.seg.segread(str(write_mask(image.with_data(one), tmp_path / "one.seg.dcm", source=image)))
+    assert int(seg.NumberOfFrames) == 1  # empty slices are left out
+    src = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert src.ReferencedSOPInstanceUID == pydicom.dcmread(str(geo["files"][2]), stop_before_pixels=True).SOPInstanceUID
+    np.testing.assert_array_equal(seg.pixel_array.reshape(one.shape[1:]), one[2])
+    empty = hd.seg.segread(str(write_mask(image.with_data(one * 0), tmp_path / "empty.seg.dcm", source=image)))
+    assert int(empty.NumberOfFrames) == image.shape[0] and not empty.pixel_array.any()  # a valid, empty SEG
+
+
 def test_dicom_seg_of_an_enhanced_multiframe_source(tmp_path, series):
     import highdicom as hd
 
@@ -167,7 +186,7 @@ def test_dicom_seg_of_an_enhanced_multiframe_source(tmp_path, series):
     mask = _mask_of(image)
     out = write_mask(mask, tmp_path / "mf_mask.seg.dcm", source=image)
     seg = hd.seg.segread(str(out))
-    frames = seg.pixel_array
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))  # one frame reads as 2D
     for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
         src = item.DerivationImageSequence[0].SourceImageSequence[0]
         fr = int(src.ReferencedFrameNumber) - 1  # 1-based frame of the multi-frame source
@@ -242,7 +261,7 @@ def _seg_as_volume(seg_path, image: Volume) -> np.ndarray:
     sop = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ref["files"]]
     where = {(sop[fi], fr + 1 if ref["multiframe"] else None): k for k, (fi, fr) in enumerate(ref["slices"])}
     out = np.zeros(image.shape, np.uint8)
-    frames = seg.pixel_array
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))  # one frame reads as 2D
     for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
         src = item.DerivationImageSequence[0].SourceImageSequence[0]
         fr = int(src.ReferencedFrameNumber) if "ReferencedFrameNumber" in src else None
@@ -272,7 +291,15 @@ def test_cli_segments_compressed_folder_and_enhanced_file_to_seg(tmp_path, serie
         np.testing.assert_allclose(nii.affine, image.affine, atol=1e-4)  # the source's exact (oblique) affine
         mask = np.asarray(nii.dataobj)
         assert 0 < mask.sum() < mask.size  # a real mask, neither empty nor everything
-        np.testing.assert_array_equal(_seg_as_volume(out / f"{name}_mask.seg.dcm", image), mask)
+        # the SEG holds one segment per femur: its label volume is the right (1) / left (2) map of the mask
+        seg_labels = _seg_as_volume(out / f"{name}_mask.seg.dcm", image)
+        np.testing.assert_array_equal(seg_labels > 0, mask > 0)
+        np.testing.assert_array_equal(seg_labels, np.asarray(nib.load(str(out / f"{name}_sides.nii.gz")).dataobj))
+        import highdicom as hd
+
+        seg = hd.seg.segread(str(out / f"{name}_mask.seg.dcm"))
+        labels = {int(d.SegmentNumber): d.SegmentLabel for d in seg.SegmentSequence}
+        assert labels and set(labels.items()) <= {(1, "Right femur"), (2, "Left femur")}
 
 
 def test_cli_series_choice(tmp_path):
@@ -294,3 +321,7 @@ def test_cli_series_choice(tmp_path):
     assert data.shape == (7, 8, 6)  # the STIR series
     proc = run_cli("predict", [model, folder, "--format", "png", "--out", tmp_path / "o3"])
     assert proc.returncode != 0 and "--format: unknown format png" in proc.stderr
+    nii = write_volume(Volume(phantom(5, 8, 6).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "scan.nii.gz")
+    proc = run_cli("predict", [model, nii, "--format", "seg", "--out", tmp_path / "o4", "--device", "cpu"])
+    assert proc.returncode == 2 and "scan.nii.gz: --format seg needs a DICOM input" in proc.stderr
+    assert not [p for p in (tmp_path / "o4").glob("*") if p.is_file()]  # no half result (prob map without mask)

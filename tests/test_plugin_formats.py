@@ -194,9 +194,10 @@ def test_gui_segments_compressed_and_multiframe_dicom_and_saves_seg(make_napari_
     sop = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ref["files"]]
     where = {(sop[fi], fr + 1 if ref["multiframe"] else None): k for k, (fi, fr) in enumerate(ref["slices"])}
     rebuilt = np.zeros(source.shape, np.uint8)
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))  # one frame reads as 2D
     for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
         src = item.DerivationImageSequence[0].SourceImageSequence[0]
         fr = int(src.ReferencedFrameNumber) if "ReferencedFrameNumber" in src else None
-        rebuilt[where[(str(src.ReferencedSOPInstanceUID), fr)]] |= seg.pixel_array[i].astype(np.uint8)
+        rebuilt[where[(str(src.ReferencedSOPInstanceUID), fr)]] |= frames[i].astype(np.uint8)
     np.testing.assert_array_equal(rebuilt, saved.data)
     assert saved.data.any()
