@@ -119,12 +119,12 @@ def test_dicom_seg_references_the_source_and_lands_on_its_slices(tmp_path, serie
     import highdicom as hd
     import pydicom
 
-    from femur_core.export import write_mask
+    from femur_core.export import FEMUR, write_mask
 
     _, geo = series
     image = read_volume(tmp_path / "plain")
     mask = _mask_of(image, labels)
-    out = write_mask(mask, tmp_path / "out" / "mask.seg.dcm", source=image)
+    out = write_mask(mask, tmp_path / "out" / "mask.seg.dcm", source=image, segments=None if labels else FEMUR)
     seg = hd.seg.segread(str(out))
     sop_of = {str(pydicom.dcmread(str(f), stop_before_pixels=True).SOPInstanceUID): k
               for k, f in enumerate(geo["files"])}  # files were written in slice order
@@ -179,12 +179,12 @@ def test_dicom_seg_of_a_mask_on_one_slice_and_of_an_empty_mask(tmp_path, series)
 def test_dicom_seg_of_an_enhanced_multiframe_source(tmp_path, series):
     import highdicom as hd
 
-    from femur_core.export import write_mask
+    from femur_core.export import FEMUR, write_mask
 
     f = write_enhanced(tmp_path / "plain", tmp_path / "mf" / "enhanced.dcm")
     image = read_volume(f)
     mask = _mask_of(image)
-    out = write_mask(mask, tmp_path / "mf_mask.seg.dcm", source=image)
+    out = write_mask(mask, tmp_path / "mf_mask.seg.dcm", source=image, segments=FEMUR)
     seg = hd.seg.segread(str(out))
     frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))  # one frame reads as 2D
     for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):

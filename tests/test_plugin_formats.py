@@ -7,8 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-napari = pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+from conftest import gui_import  # importorskip, but a failure under CI=true
+napari = gui_import("napari")
+gui_import("pytestqt")
 
 from dicom_utils import compress_file, compress_series, phantom, rotation, write_enhanced, write_series  # noqa: E402
 from napari_femur._layers import femur_meta  # noqa: E402

@@ -16,10 +16,12 @@ for oblique scans) and writes atomically (temporary file, then rename), never
 over an existing file unless ``overwrite=True``. :data:`MASK_FORMATS` is the one
 list the CLI (``predict --format``) and the napari writer share.
 
-A DICOM SEG holds one segment per label value with coded anatomy: category
-*Anatomical Structure* (SCT 91723000), type *Femur* (SCT 71341001) and, for a
-left/right label map (1 = right femur, 2 = left femur, :data:`LEFT_RIGHT`), the
-laterality modifier *Right* (SCT 24028007) or *Left* (SCT 7771000).
+A DICOM SEG holds one segment per femur with coded anatomy: category
+*Anatomical Structure* (SCT 91723000), type *Femur* (SCT 71341001) with the
+laterality modifier *Right* (SCT 24028007) or *Left* (SCT 7771000): a binary
+mask is split by side (:func:`femur_core.analysis.side_labels`), a label map is
+taken as 1 = right femur, 2 = left femur (:data:`LEFT_RIGHT`); ``segments=FEMUR``
+writes one segment *Femur* without laterality.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def write_mask(mask: Volume, path: "str | os.PathLike", *, source: Volume | Mapp
         DICOM SEG only: the source image (a Volume read from DICOM) or its
         ``meta["dicom"]`` entry, to reference the source series.
     segments : mapping, optional
-        DICOM SEG only: label value -> segment name (:data:`FEMUR` by default,
-        :data:`LEFT_RIGHT` for a left/right label map).
+        DICOM SEG only: label value -> segment name (default: right / left femur,
+        :data:`LEFT_RIGHT`, a binary mask split by side; :data:`FEMUR` for one segment).
     overwrite : bool
         Replace an existing file.
 
@@ -241,7 +243,10 @@ def write_seg(mask: Volume, source: "Volume | Mapping | None", path: "str | os.P
     path : str or path-like
         Target ``.dcm`` file.
     segments : mapping, optional
-        Label value -> segment name (:data:`FEMUR` default; :data:`LEFT_RIGHT`).
+        Label value -> segment name, numbered from 1 (:data:`FEMUR` or
+        :data:`LEFT_RIGHT`). By default a binary femur mask is split into right
+        and left femur (:func:`femur_core.analysis.side_labels`, from patient
+        coordinates) and a label map is taken as right (1) / left (2).
     overwrite : bool
         Replace an existing file.
     """
@@ -268,7 +273,11 @@ def write_seg(mask: Volume, source: "Volume | Mapping | None", path: "str | os.P
            for h in headers):
         raise InputError(p, f"mask slices {data.shape[1:]} differ from the source images' rows x columns")
     if segments is None:
-        segments = LEFT_RIGHT if int(data.max(initial=0)) >= 2 else FEMUR
+        if int(data.max(initial=0)) == 1:  # a femur mask: one segment per femur, by side
+            from .analysis import side_labels
+
+            data = np.asarray(side_labels(Volume(data, mask.affine)).data).astype(np.uint8)
+        segments = LEFT_RIGHT if data.any() else FEMUR
     extra = sorted(set(np.unique(data).tolist()) - {0} - set(segments))
     if extra:
         raise InputError(p, f"mask holds label values {extra} that no segment describes")

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
             written.append(write_volume(pred.prob, prob_path, overwrite=args.overwrite, dtype=np.uint8, slope=PROB_SLOPE))
             for m in mask_paths:
-                written.append(_write_mask_file(pred.mask, m, image, args.overwrite))
+                written.append(write_mask(pred.mask, m, source=image, overwrite=args.overwrite))
             row = _write_analysis(out, name, p, pred, views, model, args, written)
             append_csv_rows(csv_path, [row])  # last: a row only for a scan whose outputs all exist
         except BaseException as exc:
@@ -207,16 +207,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"report: {write_cohort_report(out, csv_path=csv_path)}")
     return 2 if n_fail else 0
-
-
-def _write_mask_file(mask, path: Path, image, overwrite: bool) -> Path:
-    """The femur mask in the format of ``path``; a DICOM SEG holds one segment per femur (right / left)."""
-    if not path.name.endswith(MASK_FORMATS["seg"]):
-        return write_mask(mask, path, source=image, overwrite=overwrite)
-    sides = side_labels(mask)
-    present = sorted(int(v) for v in np.unique(sides.data) if v)
-    segments = {k: LABEL_NAMES[k] for k in present} or None
-    return write_mask(sides, path, source=image, segments=segments, overwrite=overwrite)
 
 
 def _write_analysis(out: Path, name: str, src: Path, pred, views, model, args, written: list[Path]) -> dict:
