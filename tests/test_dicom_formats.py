@@ -69,7 +69,7 @@ def test_compressed_enhanced_multiframe(tmp_path, series):
     np.testing.assert_array_equal(vol.data, pixels.astype(np.float32))
 
 
-def test_folder_with_several_series_lists_them_and_reads_the_chosen_one(tmp_path):
+def test_folder_with_several_series_lists_them_and_reads_the_chosen_one(tmp_path, monkeypatch):
     folder = tmp_path / "study"
     a = write_series(folder, phantom(5, 8, 6, seed=1), number=3, description="cor T1", prefix="a")
     b = write_series(folder, phantom(7, 8, 6, seed=2), number=5, description="cor STIR", prefix="b", step=3.0)
@@ -85,8 +85,10 @@ def test_folder_with_several_series_lists_them_and_reads_the_chosen_one(tmp_path
     assert read_volume(folder, series=str(b["series_uid"])).meta["series"] == "cor STIR"
     with pytest.raises(InputError, match=r"no DICOM series with UID or number '9'.*cor T1.*cor STIR"):
         read_volume(folder, series=9)
-    # a file given directly reads its own series
+    # a file given directly reads its own series, also by a relative path
     assert read_dicom(a["files"][2]).shape == (5, 8, 6)
+    monkeypatch.chdir(folder)
+    assert read_volume(b["files"][1].name).shape == (7, 8, 6)
 
 
 def test_uneven_spacing_and_gantry_tilt_are_refused_naming_the_folder(tmp_path):
@@ -103,6 +105,10 @@ def test_uneven_spacing_and_gantry_tilt_are_refused_naming_the_folder(tmp_path):
     # an oblique but orthogonal stack (rotated slices stacked along their normal) is fine
     write_series(tmp_path / "oblique", px, iop=OBLIQUE_IOP)
     assert read_volume(tmp_path / "oblique").shape == (5, 8, 6)
+    # ... also with positions stored to 0.01 mm, as some scanners write them
+    rounded = [np.round(np.array([10.0, -20.0, 30.0]) + k * 0.503 * normal, 2) for k in range(5)]  # gaps 0.50, 0.51
+    write_series(tmp_path / "rounded", px, positions=rounded, step=0.5)
+    assert read_volume(tmp_path / "rounded").shape == (5, 8, 6)
 
 
 # ----------------------------------------------------------------------------- write

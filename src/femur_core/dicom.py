@@ -281,14 +281,15 @@ def _order_and_check(frames: list[_Frame], folder: Path) -> tuple[list[_Frame], 
                                      f"the series (gaps {gaps.min():.3g} to {gaps.max():.3g} mm)")
         raise InputError(folder, f"non-uniform slice spacing (gaps {gaps.min():.3g} to {gaps.max():.3g} mm); "
                                  "resample the series to even spacing first")
-    if np.any(np.abs(gaps - step) > max(0.01 * step, 1e-3)):
+    if np.any(np.abs(gaps - step) > max(0.01 * step, 0.02)):  # 0.02 mm: positions stored to 0.01 mm
         raise InputError(folder, f"non-uniform slice spacing (gaps {gaps.min():.4g} to {gaps.max():.4g} mm, "
                                  "more than 1% apart); resample the series to even spacing first")
     span = frames[-1].position - frames[0].position
     along = float(normal @ span)
     across = float(np.linalg.norm(span - along * normal))
     tilt = float(np.degrees(np.arctan2(across, abs(along))))
-    if tilt > MAX_TILT_DEG:
+    # a shear below a tenth of a pixel across the whole stack is rounding, not tilt
+    if tilt > MAX_TILT_DEG and across > 0.1 * min(frames[0].pixel_spacing):
         raise InputError(folder, f"gantry tilt: the slices are stacked {tilt:.2f} degrees off their normal "
                                  "(a sheared volume); resample the series to an orthogonal grid first")
     return frames, step, normal
@@ -347,7 +348,8 @@ def read_dicom(path: "str | os.PathLike", series: "str | int | None" = None) -> 
     folder = p if p.is_dir() else p.parent
     found = list_series(folder)
     if p.is_file() and series is None:
-        hits = [s for s in found if str(p) in s.files]
+        me = p.resolve()
+        hits = [s for s in found if any(Path(f).resolve() == me for f in s.files)]
         if not hits:
             raise InputError(p, "not a DICOM image file")
         info = hits[0]
