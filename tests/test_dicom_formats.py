@@ -315,19 +315,19 @@ def test_cli_series_choice(tmp_path):
     folder = tmp_path / "study"
     write_series(folder, phantom(5, 8, 6, seed=1), number=3, description="cor T1", prefix="a")
     write_series(folder, phantom(7, 8, 6, seed=2), number=5, description="cor STIR", prefix="b")
-    proc = run_cli("predict", [model, folder, "--out", tmp_path / "o1", "--device", "cpu"])
+    proc = run_cli("predict", [model, folder, "--out", tmp_path / "o1", "--device", "cpu"], timeout=300)
     assert proc.returncode == 2 and '#3 "cor T1" 5 slices' in proc.stderr and '#5 "cor STIR" 7 slices' in proc.stderr
     assert "--series" in proc.stderr
     proc = run_cli("predict", [model, folder, "--series", "5", "--out", tmp_path / "o2", "--device", "cpu",
-                               "--format", "nrrd"])
+                               "--format", "nrrd"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     import nrrd
 
     data, _ = nrrd.read(str(tmp_path / "o2" / "study_mask.nrrd"))
     assert data.shape == (7, 8, 6)  # the STIR series
-    proc = run_cli("predict", [model, folder, "--format", "png", "--out", tmp_path / "o3"])
+    proc = run_cli("predict", [model, folder, "--format", "png", "--out", tmp_path / "o3"], timeout=300)
     assert proc.returncode != 0 and "--format: unknown format png" in proc.stderr
     nii = write_volume(Volume(phantom(5, 8, 6).astype(np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), tmp_path / "scan.nii.gz")
-    proc = run_cli("predict", [model, nii, "--format", "seg", "--out", tmp_path / "o4", "--device", "cpu"])
+    proc = run_cli("predict", [model, nii, "--format", "seg", "--out", tmp_path / "o4", "--device", "cpu"], timeout=300)
     assert proc.returncode == 2 and "scan.nii.gz: --format seg needs a DICOM input" in proc.stderr
     assert not [p for p in (tmp_path / "o4").glob("*") if p.is_file()]  # no half result (prob map without mask)
