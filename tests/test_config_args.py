@@ -34,7 +34,7 @@ def test_no_limit_is_written_and_read_as_budget_zero():
     args = args_from_config(cfg, "cpu-2d")
     assert args[args.index("--budget-minutes") + 1] == "0" and "--device" in args
     assert config_from_overrides("cpu-2d", {"budget_minutes": 0}).max_minutes is None
-    assert config_from_overrides("cpu-2d", {}).max_minutes == 26.0
+    assert config_from_overrides("cpu-2d", {}).max_minutes == 25.0
 
 
 def test_settings_without_a_flag_are_named():

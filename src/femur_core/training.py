@@ -169,7 +169,7 @@ RECIPES: dict[str, TrainConfig] = {
         model=default_config("2d-same", features=24, levels=5),
         grid=GridSpec(in_plane_spacing=1.8),
         loss="dice_ce", lr=2e-3, lr_schedule="poly", batch_size=4, max_epochs=400, min_epochs=20,
-        patience=20, max_minutes=26.0, augment=["flip", "intensity", "affine"], bg_slice_ratio=0.5,
+        patience=20, max_minutes=25.0, augment=["flip", "intensity", "affine"], bg_slice_ratio=0.5,
         weight_decay=1e-5, aux_labels=True, ensemble=3,
     ),
     "synthetic-quick": TrainConfig(
