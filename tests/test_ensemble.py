@@ -79,6 +79,14 @@ def test_fit_ensemble_writes_one_file_whose_prediction_is_the_members_mean(six_s
     assert not np.allclose(each[0], each[1])
 
 
+def test_fewer_subjects_than_members_trains_one_member_per_subject(six_subjects, tmp_path):
+    events = []
+    res = fit(six_subjects[:2], _cfg(ensemble=3, max_epochs=1), tmp_path / "few", progress=events.append)
+    assert len(res.members) == 2 and res.config.ensemble == 2
+    assert any("too few" in (e.message or "") for e in events)
+    assert len(load_model(res.model_file).members) == 2
+
+
 def test_fit_single_network_keeps_the_inner_split(six_subjects, tmp_path):
     res = fit(six_subjects, _cfg(), tmp_path / "one")
     payload = load_checkpoint(res.model_file)
@@ -93,7 +101,7 @@ def test_cv_run_folder_loads_as_the_ensemble_of_its_folds(tiny_data_folder, tmp_
     run = tmp_path / "cv"
     assert main(["--data", str(tiny_data_folder), "--folds", "2", "--out", str(run), "--features", "4", "--levels", "2",
               "--epochs", "1", "--budget-minutes", "0", "--device", "cpu", "--precision", "fp32",
-              "--in-plane-spacing", "1.5"]) == 0
+              "--in-plane-spacing", "1.5", "--ensemble", "1"]) == 0
     model = load_model(run)
     assert len(model.members) == 2
     assert "out-of-fold" in model.threshold_source

@@ -162,6 +162,11 @@ def fit(
     k = max(1, int(config.ensemble))
     if len(subjects) < 2:
         raise InputError(None, f"training needs at least 2 subjects (one for early stopping), got {len(subjects)}")
+    if k > len(subjects):  # a small folder: as many members as subjects (each early-stops on one)
+        emit(progress, ProgressEvent("info", fold=fold, message=(
+            f"{len(subjects)} subjects are too few for {k} ensemble members: training {len(subjects)}")))
+        k = len(subjects)
+        config = config.replace(ensemble=k)
     splits = member_split(subjects, config, seed)
     by_id = {s.id: s for s in subjects}
     member_cfg = config
