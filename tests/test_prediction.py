@@ -56,3 +56,41 @@ def test_predict_volume_masks_match_the_canonical_pipeline(tiny_checkpoint, tiny
         np.testing.assert_array_equal(pred.mask_at(float(t)).data, expected)
         again = Prediction.from_probability(pred.prob, image, threshold=float(t))
         np.testing.assert_array_equal(again.mask.data, expected)
+
+
+def test_inference_defaults_stored_with_the_model_apply_unless_overridden(tmp_path, tiny_scan_pair, monkeypatch):
+    """TrainConfig.flip_tta / cleanup saved in the checkpoint are what load_model + predict_volume use."""
+    import femur_core.inference as inference
+    from femur_core.checkpoint import save_checkpoint
+    from femur_core.models import build_model, default_config
+    from femur_core.preprocess import GridSpec
+    from femur_core.training import TrainConfig
+
+    cfg = TrainConfig(model=default_config("2d-same", features=4, levels=2), grid=GridSpec(), flip_tta=False,
+                      cleanup=False)
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, build_model(cfg.model), cfg.to_dict(), threshold=0.5)
+    model = load_model(path)
+    assert (model.flip_tta, model.cleanup) == (False, False)
+    seen = []
+    real = inference.predict_array
+
+    def spy(*a, flip_tta=False, **kw):
+        seen.append(flip_tta)
+        return real(*a, flip_tta=flip_tta, **kw)
+
+    monkeypatch.setattr(inference, "predict_array", spy)
+    image = read_volume(tiny_scan_pair[0])
+    pred = predict_volume(model, image, device="cpu", precision="fp32")
+    assert seen == [False] and pred.cleanup is False
+    pred = predict_volume(model, image, device="cpu", precision="fp32", flip_tta=True, cleanup=True)
+    assert seen == [False, True] and pred.cleanup is True
+
+
+def test_progress_stages_are_typed():
+    from femur_core.progress import ProgressEvent, Stage
+
+    ev = ProgressEvent("epoch_end", epoch=1)
+    assert ev.stage is Stage.EPOCH_END and ev.stage == "epoch_end" and str(ev.stage) == "epoch_end"
+    with pytest.raises(ValueError, match="not a valid Stage"):
+        ProgressEvent("trian")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Cancelled, FemurError, InputError
-from .progress import CancelToken, ProgressEvent
+from .progress import CancelToken, ProgressEvent, Stage
 
 __all__ = ["run_main", "cancel_on_sigint", "TqdmProgress", "environment_info", "add_common_training_args",
            "config_from_args", "config_from_overrides", "config_overrides", "args_from_config"]
@@ -80,12 +80,12 @@ class TqdmProgress:
         self.disable = (not sys.stderr.isatty()) if disable is None else disable
 
     def __call__(self, ev: ProgressEvent) -> None:
-        if ev.stage in ("train", "predict"):
+        if ev.stage in (Stage.TRAIN, Stage.PREDICT):
             key = (ev.stage, ev.fold, ev.epoch, ev.total)
             if key != self._key:
                 self.close()
                 desc = (f"fold {ev.fold} " if ev.fold is not None else "") + (
-                    f"epoch {ev.epoch}" if ev.stage == "train" else ev.message or "predict")
+                    f"epoch {ev.epoch}" if ev.stage is Stage.TRAIN else ev.message or "predict")
                 self._bar = self._tqdm(total=ev.total, desc=desc, leave=False, disable=self.disable,
                                        file=sys.stderr)
                 self._key = key
@@ -93,11 +93,11 @@ class TqdmProgress:
             if ev.loss is not None:
                 self._bar.set_postfix(loss=f"{ev.loss:.4f}", refresh=False)
             self._bar.refresh()
-        elif ev.stage == "epoch_end":
+        elif ev.stage is Stage.EPOCH_END:
             self.close()
             fold = f"fold {ev.fold} " if ev.fold is not None else ""
             print(f"{fold}epoch {ev.epoch}: loss {ev.loss:.4f}  val DSC {ev.val_dsc:.4f}", file=sys.stderr)
-        elif ev.stage in ("done", "resume", "info"):
+        elif ev.stage in (Stage.DONE, Stage.RESUME, Stage.INFO):
             self.close()
             print(ev.message, file=sys.stderr)
 

@@ -36,7 +36,7 @@ from .ensemble import fit, member_split
 from .errors import InputError, OutputExistsError
 from .inference import load_model, predict_volume
 from .metrics import curves_from_counts, evaluate, histogram_counts, optimal_threshold, volume_ml
-from .progress import CancelToken, ProgressCallback, ProgressEvent, emit
+from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, emit
 from .report import format_table, write_report
 from .training import TrainConfig, train_model
 from .volume_io import atomic_write_bytes, write_volume
@@ -169,7 +169,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     pos = neg = None
     for j, sid in enumerate(test_ids):
         s = setup.subjects[sid]
-        emit(progress, ProgressEvent("score", j, len(test_ids), fold=k, message=f"scoring {sid}"))
+        emit(progress, ProgressEvent(Stage.SCORE, j, len(test_ids), fold=k, message=f"scoring {sid}"))
         p = predict_volume(model, s.image, flip_tta=cfg.flip_tta, cleanup=cfg.cleanup, device=cfg.device,
                            precision=cfg.precision, cancel=cancel)
         preds[sid] = p
@@ -201,7 +201,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
         result["world_size"] = _dist.world_size()
     atomic_write_bytes(done, dump_json(result), overwrite=True)
     _dist.barrier()
-    emit(progress, ProgressEvent("fold_end", fold=k, message=f"fold {k} done"))
+    emit(progress, ProgressEvent(Stage.FOLD_END, fold=k, message=f"fold {k} done"))
     return result
 
 

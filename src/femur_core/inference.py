@@ -23,10 +23,10 @@ from scipy import ndimage
 
 from .checkpoint import load_checkpoint, load_weights_into, resolve_model_path
 from .errors import InputError, ModelFileError
-from .models.registry import MODELS, ModelConfig, build_model
+from .models.registry import MODELS, ModelConfig, ModelKind, build_model
 from .models.unet import valid_input_size
 from .preprocess import GridSpec, prepare
-from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel, emit
+from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check_cancel, emit
 from .volume import Reorientation, Volume, from_canonical, to_canonical
 from .volume_io import check_image
 
@@ -80,7 +80,7 @@ def cpu_bf16_conv3d_training_is_faster() -> bool:
     x = torch.randn(1, 32, 8, 32, 32)
 
     def step(dtype: torch.dtype | None) -> float:
-        fmt = memory_format("3d", torch.device("cpu"), dtype)
+        fmt = memory_format(ModelKind.D3, torch.device("cpu"), dtype)
         net = torch.nn.Conv3d(32, 32, 3, padding=1)
         if fmt is not None:
             net = net.to(memory_format=fmt)
@@ -97,11 +97,11 @@ def cpu_bf16_conv3d_training_is_faster() -> bool:
     return step(torch.bfloat16) < 0.8 * step(None)
 
 
-def resolve_amp(precision: str, device: torch.device, train_kind: str | None = None) -> torch.dtype | None:
+def resolve_amp(precision: str, device: torch.device, train_kind: ModelKind | None = None) -> torch.dtype | None:
     """Autocast dtype for ``precision`` in {"auto", "fp32", "bf16"} (None = fp32).
 
     ``auto`` uses bf16 where the hardware runs it fast (CUDA with bf16 support,
-    CPUs with AVX-512/AMX) and fp32 elsewhere. ``train_kind="3d"`` (training a
+    CPUs with AVX-512/AMX) and fp32 elsewhere. ``train_kind=ModelKind.D3`` (training a
     3D network) on the CPU uses bf16 only where a short measurement finds its
     conv3d backward faster than fp32
     (:func:`cpu_bf16_conv3d_training_is_faster`).
@@ -115,18 +115,18 @@ def resolve_amp(precision: str, device: torch.device, train_kind: str | None = N
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        if train_kind == "3d":
+        if train_kind == ModelKind.D3:
             return torch.bfloat16 if cpu_bf16_conv3d_training_is_faster() else None
         return torch.bfloat16 if _cpu_has_fast_bf16() else None
     return None
 
 
-def memory_format(kind: str, device: torch.device, amp: torch.dtype | None) -> torch.memory_format | None:
+def memory_format(kind: ModelKind, device: torch.device, amp: torch.dtype | None) -> torch.memory_format | None:
     """Channels-last layout where it pays: bf16 convolutions on the CPU (oneDNN runs
     NHWC / NDHWC bf16 kernels several times faster than NCHW); None elsewhere."""
     if device.type != "cpu" or amp is None:
         return None
-    return torch.channels_last_3d if kind == "3d" else torch.channels_last
+    return torch.channels_last_3d if kind == ModelKind.D3 else torch.channels_last
 
 
 def to_format(t: torch.Tensor, fmt: torch.memory_format | None) -> torch.Tensor:
@@ -164,8 +164,18 @@ class LoadedModel:
             self.members = [self.net]
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> ModelKind:
         return MODELS[self.model_config.name].kind
+
+    @property
+    def flip_tta(self) -> bool:
+        """Inference default stored with the model: left-right flip averaging (``TrainConfig.flip_tta``)."""
+        return bool(self.train_config.get("flip_tta", True))
+
+    @property
+    def cleanup(self) -> bool:
+        """Inference default stored with the model: one component per hip side (``TrainConfig.cleanup``)."""
+        return bool(self.train_config.get("cleanup", True))
 
 
 def _build_loaded(payload: dict, p: Path) -> LoadedModel:
@@ -318,7 +328,7 @@ def _predict_2d_valid(net, vol, in_slices, levels, device, amp, progress, cancel
             with torch.inference_mode(), autocast(device, amp):
                 p = _softmax_fg(net(x)).cpu().numpy()
             prob[z0:z0 + len(zs)] = p[:, :H, :W]
-            emit(progress, ProgressEvent("predict", z0 + len(zs), Z, message="2D tiles"))
+            emit(progress, ProgressEvent(Stage.PREDICT, z0 + len(zs), Z, message="2D tiles"))
         return prob
     count = np.zeros((H, W), np.float32)
     for sy in plan.starts_y:
@@ -339,7 +349,7 @@ def _predict_2d_valid(net, vol, in_slices, levels, device, amp, progress, cancel
         for (z, sy, sx), pt in zip(where, p):
             ey, ex = min(H, sy + o), min(W, sx + o)
             prob[z, sy:ey, sx:ex] += pt[: ey - sy, : ex - sx]
-        emit(progress, ProgressEvent("predict", min(Z, z0 + batch_slices), Z, message="2D tiles"))
+        emit(progress, ProgressEvent(Stage.PREDICT, min(Z, z0 + batch_slices), Z, message="2D tiles"))
     return prob / count[None]
 
 
@@ -368,7 +378,7 @@ def _predict_2d_same(net, vol, in_slices, device, amp, progress, cancel, batch_s
         with torch.inference_mode(), autocast(device, amp):
             p = _softmax_fg(net(x))[:, : shape[0], : shape[1]].cpu().numpy()
         out[z0:z0 + len(zs)] = p
-        emit(progress, ProgressEvent("predict", z0 + len(zs), Z, message="2D slices"))
+        emit(progress, ProgressEvent(Stage.PREDICT, z0 + len(zs), Z, message="2D slices"))
     return out
 
 
@@ -427,9 +437,9 @@ def _predict_3d(net, vol, device, amp, progress, cancel, max_voxels: int, patch=
             return _softmax_fg(net(t))[0].cpu().numpy()
     if vol.size <= max_voxels:
         xp, shape = _pad_to(x, div)
-        emit(progress, ProgressEvent("predict", 0, 1, message="3D volume"))
+        emit(progress, ProgressEvent(Stage.PREDICT, 0, 1, message="3D volume"))
         p = run(xp)[: shape[0], : shape[1], : shape[2]]
-        emit(progress, ProgressEvent("predict", 1, 1, message="3D volume"))
+        emit(progress, ProgressEvent(Stage.PREDICT, 1, 1, message="3D volume"))
         return p
     # sliding windows with half overlap and Gaussian weighting
     _, patch, starts = window_plan(vol.shape, div, max_voxels, patch)  # padded shape = _pad_to(x, div) below
@@ -448,7 +458,7 @@ def _predict_3d(net, vol, device, amp, progress, cancel, max_voxels: int, patch=
                 acc[sl] += run(xp[(slice(None), slice(None)) + sl]) * w
                 norm[sl] += w
                 k += 1
-                emit(progress, ProgressEvent("predict", k, total, message="3D windows"))
+                emit(progress, ProgressEvent(Stage.PREDICT, k, total, message="3D windows"))
     return (acc / norm)[: shape[0], : shape[1], : shape[2]]
 
 
@@ -488,10 +498,10 @@ def predict_array(
     net = net.to(device).eval()
     fmt = memory_format(kind, device, amp)
     net = net.to(memory_format=fmt) if fmt is not None else net.to(memory_format=torch.contiguous_format)
-    channels_last = kind == "3d" and fmt is not None
+    channels_last = kind == ModelKind.D3 and fmt is not None
 
     def once(vol: np.ndarray) -> np.ndarray:
-        if kind == "3d":
+        if kind == ModelKind.D3:
             return _predict_3d(net, vol, device, amp, progress, cancel, max_voxels, channels_last=channels_last)
         if getattr(net, "padding", 1) == 0:
             return _predict_2d_valid(net, vol, model_config.in_slices, model_config.levels, device, amp,
@@ -638,8 +648,8 @@ def predict_volume(
     model: LoadedModel,
     image: Volume,
     *,
-    flip_tta: bool = True,
-    cleanup: bool = True,
+    flip_tta: bool | None = None,
+    cleanup: bool | None = None,
     threshold: float | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -654,8 +664,9 @@ def predict_volume(
         From :func:`load_model`.
     image : Volume
         The scan (any orientation, size and spacing).
-    flip_tta, cleanup : bool
-        Left-right flip averaging; keep one component per hip side.
+    flip_tta, cleanup : bool, optional
+        Left-right flip averaging; keep one component per hip side. Default:
+        the model's own settings (:attr:`LoadedModel.flip_tta`, ``.cleanup``).
     threshold : float, optional
         Default: the model's PRC-optimal threshold from its validation data.
     device, precision : str
@@ -666,6 +677,8 @@ def predict_volume(
     Prediction
         ``.prob`` and ``.mask`` on the scan's grid; ``.mask_at(t)`` for other thresholds.
     """
+    flip_tta = model.flip_tta if flip_tta is None else bool(flip_tta)
+    cleanup = model.cleanup if cleanup is None else bool(cleanup)
     image = check_image(image)
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)

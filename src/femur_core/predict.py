@@ -83,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("images", nargs="+", help="scans: NIfTI, TIFF, DICOM folder, or a folder of scans")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--threshold", type=float, help="default: the model's PRC-optimal threshold")
-    ap.add_argument("--no-tta", action="store_true", help="no left-right flip averaging")
-    ap.add_argument("--no-cleanup", action="store_true", help="keep every connected component")
+    ap.add_argument("--no-tta", action="store_true",
+                    help="no left-right flip averaging (default: the model's own setting, TrainConfig.flip_tta)")
+    ap.add_argument("--no-cleanup", action="store_true",
+                    help="keep every connected component (default: the model's own setting, TrainConfig.cleanup)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--format", default="nii.gz",
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             image = read_volume(p, series=args.series)
             if "seg" in formats and not image.meta.get("dicom"):
                 raise InputError(p, "--format seg needs a DICOM input (a DICOM SEG references its source series)")
-            opts = dict(flip_tta=not args.no_tta, cleanup=not args.no_cleanup, threshold=args.threshold,
+            opts = dict(flip_tta=False if args.no_tta else None, cleanup=False if args.no_cleanup else None,
+                        threshold=args.threshold,
                         device=args.device, precision=args.precision, progress=bar)
             if args.no_uncertainty:
                 pred, views = predict_volume(model, image, **opts), None

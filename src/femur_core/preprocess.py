@@ -57,7 +57,6 @@ class Prepared:
     slice_range: tuple[int, int]
     spacing: tuple[float, float, float]  # model-grid spacing (mm)
     reorientation: Reorientation
-    canonical_affine: np.ndarray
     #: uint8 (Z, Y, X) training target with an extra class: 0 background, 1 femur (= ``mask``),
     #: 2 other bone; only when a label map was given
     labels: np.ndarray | None = None
@@ -149,7 +148,7 @@ def prepare(image: Volume, grid: GridSpec, mask: Volume | None = None,
         other = resample_inplane(other.astype(np.float32), size, "bilinear") >= 0.5
         lab = np.where(msk > 0, 1, np.where(other, 2, 0)).astype(np.uint8)
     spacing = (sp[0], sp[1] * canon.shape[1] / size[0], sp[2] * canon.shape[2] / size[1])
-    return Prepared(img, msk, canon.shape, (z0, z1), spacing, reo, canon.affine, lab)
+    return Prepared(img, msk, canon.shape, (z0, z1), spacing, reo, lab)
 
 
 def restore(prob: np.ndarray, prep: Prepared) -> Volume:

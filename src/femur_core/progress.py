@@ -10,10 +10,53 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from .errors import Cancelled
 
-__all__ = ["ProgressEvent", "ProgressCallback", "CancelToken", "emit", "check_cancel"]
+__all__ = ["Stage", "ProgressEvent", "ProgressCallback", "CancelToken", "emit", "check_cancel"]
+
+
+class Stage(str, Enum):
+    """What a :class:`ProgressEvent` reports (a ``str``: ``Stage.TRAIN == "train"``).
+
+    Members
+    -------
+    LOAD
+        Reading data or a model (message only).
+    RESUME
+        Training continues from a checkpoint (the message says where).
+    TRAIN
+        One training step: ``step`` of ``total`` in epoch ``epoch``, with the running ``loss``.
+    VALIDATE
+        One early-stopping subject scored: ``step`` of ``total``.
+    EPOCH_END
+        An epoch finished: ``loss`` and ``val_dsc``.
+    PREDICT
+        Prediction of one scan: ``step`` of ``total`` slices, tiles or windows.
+    SCORE
+        Cross-validation: test subject ``step`` of ``total`` of fold ``fold`` predicted and scored.
+    FOLD_END
+        A cross-validation fold finished.
+    DONE
+        A training run finished (the message sums it up).
+    INFO
+        A note for the status line.
+    """
+
+    LOAD = "load"
+    RESUME = "resume"
+    TRAIN = "train"
+    VALIDATE = "validate"
+    EPOCH_END = "epoch_end"
+    PREDICT = "predict"
+    SCORE = "score"
+    FOLD_END = "fold_end"
+    DONE = "done"
+    INFO = "info"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -22,9 +65,9 @@ class ProgressEvent:
 
     Attributes
     ----------
-    stage : str
-        What is running: ``"train"``, ``"validate"``, ``"epoch_end"``, ``"predict"``,
-        ``"fold_end"``, ``"done"``, ``"info"`` (a note for the status line).
+    stage : Stage
+        What is running (see :class:`Stage`; its string value is accepted and
+        converted, an unknown stage is a ``ValueError``).
     step, total : int
         Position within the stage (``total`` 0 when unknown).
     epoch, epochs : int
@@ -39,7 +82,7 @@ class ProgressEvent:
         Free text for a status line.
     """
 
-    stage: str
+    stage: Stage
     step: int = 0
     total: int = 0
     epoch: int = 0
@@ -48,6 +91,9 @@ class ProgressEvent:
     loss: float | None = None
     val_dsc: float | None = None
     message: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage", Stage(self.stage))
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

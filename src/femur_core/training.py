@@ -34,9 +34,9 @@ from .inference import (autocast, memory_format, predict_array, resolve_amp, res
 from .volume_io import atomic_write_bytes
 from .loss import get_loss
 from .metrics import curves_from_histogram, dice, optimal_threshold
-from .models.registry import MODELS, ModelConfig, build_model, default_config
+from .models.registry import MODELS, ModelConfig, ModelKind, build_model, default_config
 from .preprocess import GridSpec, Prepared, prepare
-from .progress import CancelToken, ProgressCallback, ProgressEvent, check_cancel, emit
+from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check_cancel, emit
 
 __all__ = ["TrainConfig", "TrainResult", "RECIPES", "recipe", "train_model", "prepare_subjects"]
 
@@ -240,7 +240,7 @@ def prepare_subjects(subjects: list[Subject], grid: GridSpec, cache: dict | None
 def _epoch_samples(preps: list[Prepared], cfg: TrainConfig, rng: np.random.Generator) -> list[tuple[int, int]]:
     """(subject index, slice index) pairs for 2D; (subject index, -1) for 3D."""
     kind = MODELS[cfg.model.name].kind
-    if kind == "3d":
+    if kind == ModelKind.D3:
         order = [(i, -1) for i in range(len(preps))]
         rng.shuffle(order)
         return order
@@ -593,7 +593,7 @@ def train_model(
     config = _effective_config(config, train + val)
     missing = [s.id for s in train + val if s.labels is None]
     if requested_aux and not config.aux_labels and len(missing) < len(train + val):  # some have one, some not
-        emit(progress, ProgressEvent("info", fold=fold, message=(
+        emit(progress, ProgressEvent(Stage.INFO, fold=fold, message=(
             f"training with the femur mask alone: {len(missing)} subject(s) have no label map "
             f"(subNN_bones.nii.gz), e.g. {', '.join(missing[:3])}")))
     device = resolve_device(config.device)
@@ -626,7 +626,7 @@ def train_model(
             raise InputError(init_path, f"cannot fine-tune this model with these settings ({exc}); its "
                                         "architecture, and its label-map class, must be kept "
                                         "(femur_core.finetune.finetune_config)") from None
-        emit(progress, ProgressEvent("info", fold=fold, message=f"starting from the weights of {init_path}"))
+        emit(progress, ProgressEvent(Stage.INFO, fold=fold, message=f"starting from the weights of {init_path}"))
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
         if state["config"] != cfg_dict:
@@ -641,7 +641,7 @@ def train_model(
         if step0 and int(state.get("world_size", 1)) != world:  # other global batches: redo the epoch
             step0 = 0
         losses0 = json.loads(state.get("losses_json", "[]")) if step0 else []  # this epoch's steps so far
-        emit(progress, ProgressEvent("resume", epoch=epoch, fold=fold,
+        emit(progress, ProgressEvent(Stage.RESUME, epoch=epoch, fold=fold,
                                      message=f"resumed at epoch {epoch + 1}, step {step0}"))
 
     ddp_net = _dist.wrap_ddp(net, device)  # `net` itself when one process trains
@@ -649,8 +649,8 @@ def train_model(
     val_p = prepare_subjects(val, config.grid, cache)
     # more than one sample per (global) batch and volumes of different shapes: 3D crops of one size
     # (2D: slices padded / tiled as for the largest slice)
-    patch_3d = _batch_patch_size(train_p, config, config.batch_size * world) if kind == "3d" else None
-    size_2d = _batch_slice_size(train_p, config.batch_size * world) if kind != "3d" else None
+    patch_3d = _batch_patch_size(train_p, config, config.batch_size * world) if kind == ModelKind.D3 else None
+    size_2d = _batch_slice_size(train_p, config.batch_size * world) if kind != ModelKind.D3 else None
     t_start = time.monotonic()
     stop_reason = "max_epochs"
 
@@ -693,7 +693,7 @@ def train_model(
                 rng = np.random.default_rng([config.seed, epoch, step])
                 xs, ys = [], []
                 for i, z in batches[step]:
-                    if kind == "3d":
+                    if kind == ModelKind.D3:
                         x, y = _make_3d_sample(train_p[i], config, net, rng, patch_3d)
                     else:
                         x, y = _make_2d_sample(train_p[i], z, config, net, rng, size_2d)
@@ -722,14 +722,14 @@ def train_model(
                 opt.step()
                 losses.append(_dist.reduce_mean(float(loss.detach())) if world > 1 else float(loss.detach()))
                 done = step + 1
-                emit(progress, ProgressEvent("train", step + 1, len(batches), epoch + 1, config.max_epochs, fold,
+                emit(progress, ProgressEvent(Stage.TRAIN, step + 1, len(batches), epoch + 1, config.max_epochs, fold,
                                              float(np.mean(losses))))
                 if config.max_minutes is not None and _dist.reduce_flag(elapsed() > 60 * config.max_minutes):
                     over_budget = True
                     break
             step0 = 0
             phase = "validate"
-            emit(progress, ProgressEvent("validate", epoch=epoch + 1, epochs=config.max_epochs, fold=fold))
+            emit(progress, ProgressEvent(Stage.VALIDATE, epoch=epoch + 1, epochs=config.max_epochs, fold=fold))
             if world > 1:
                 val_dsc = _validate_shared(net, config, val_p, device, amp, cancel)
             else:
@@ -745,7 +745,7 @@ def train_model(
             save_last(epoch, 0)
             if is_main:
                 _write_history(out, history)
-            emit(progress, ProgressEvent("epoch_end", epoch=epoch, epochs=config.max_epochs, fold=fold,
+            emit(progress, ProgressEvent(Stage.EPOCH_END, epoch=epoch, epochs=config.max_epochs, fold=fold,
                                          loss=history[-1]["loss"], val_dsc=val_dsc))
             if over_budget:
                 stop_reason = "time_budget"
@@ -779,7 +779,7 @@ def train_model(
     if world > 1:
         _dist.barrier()
         thr = float(_dist.broadcast_object(thr))
-    emit(progress, ProgressEvent("done", epoch=epoch, epochs=config.max_epochs, fold=fold,
+    emit(progress, ProgressEvent(Stage.DONE, epoch=epoch, epochs=config.max_epochs, fold=fold,
                                  message=f"stopped: {stop_reason}"))
     minutes = elapsed() / 60
     del net, opt, ddp_net

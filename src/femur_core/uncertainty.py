@@ -113,8 +113,8 @@ def predict_with_views(
     model,
     image: Volume,
     *,
-    flip_tta: bool = True,
-    cleanup: bool = True,
+    flip_tta: bool | None = None,
+    cleanup: bool | None = None,
     threshold: float | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -126,13 +126,16 @@ def predict_with_views(
     The views are the member networks (one, or k for an ensemble) times the
     scan and its left-right mirror (with ``flip_tta``). Their mean is the
     probability map ``predict_volume`` returns (same order of operations, so
-    the same numbers); threshold and cleanup are the same too.
+    the same numbers); threshold and cleanup are the same too. ``flip_tta``
+    and ``cleanup`` default to the model's own settings, as there.
     """
     from .inference import Prediction, body_midline, predict_array, resolve_amp, resolve_device
     from .preprocess import prepare
     from .volume import from_canonical, to_canonical
     from .volume_io import check_image
 
+    flip_tta = model.flip_tta if flip_tta is None else bool(flip_tta)
+    cleanup = model.cleanup if cleanup is None else bool(cleanup)
     image = check_image(image)
     dev = resolve_device(device)
     amp = resolve_amp(precision, dev)

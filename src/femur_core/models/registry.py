@@ -9,12 +9,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 from torch import nn
 
 from .unet import UNet2D, UNet3D
 
-__all__ = ["ModelConfig", "ModelSpec", "MODELS", "build_model", "model_names"]
+__all__ = ["ModelKind", "ModelConfig", "ModelSpec", "MODELS", "build_model", "model_names"]
+
+
+class ModelKind(str, Enum):
+    """How a network sees a scan (a ``str``: ``ModelKind.D3 == "3d"``).
+
+    ``D2``: slice by slice (neighbouring slices as channels; tiles or one pass
+    per slice). ``D3``: volumes (whole, or Gaussian-weighted sliding windows).
+    """
+
+    D2 = "2d"
+    D3 = "3d"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -62,7 +77,7 @@ class ModelSpec:
 
     Attributes
     ----------
-    kind : {"2d", "3d"}
+    kind : ModelKind
         Slice-wise (2D, tiled) or volumetric inference.
     build : callable
         ``build(config) -> nn.Module``.
@@ -72,7 +87,7 @@ class ModelSpec:
         Default ``features`` / ``levels`` (and others) for this entry.
     """
 
-    kind: str
+    kind: ModelKind
     build: Callable[[ModelConfig], nn.Module]
     description: str
     defaults: dict = field(default_factory=dict)
@@ -84,25 +99,25 @@ def _aniso_kernels(levels: int, n_inplane_only: int) -> list[list[int]]:
 
 MODELS: dict[str, ModelSpec] = {
     "2d": ModelSpec(
-        "2d",
+        ModelKind.D2,
         lambda c: UNet2D(c.features, c.levels, c.in_slices, "valid", c.norm, c.n_classes),
         "2D U-Net of the study: valid convolutions, 3 slices in, mirrored 3x3 tiles",
         {"features": 64, "levels": 3},
     ),
     "2d-same": ModelSpec(
-        "2d",
+        ModelKind.D2,
         lambda c: UNet2D(c.features, c.levels, c.in_slices, "same", c.norm, c.n_classes),
         "2D U-Net with padded convolutions and batch norm (fast CPU default)",
         {"features": 32, "levels": 5, "norm": "batch", "in_slices": 3},
     ),
     "3d": ModelSpec(
-        "3d",
+        ModelKind.D3,
         lambda c: UNet3D(c.features, c.levels, c.pool_kernels, c.norm, c.n_classes),
         "3D U-Net of the study: padded 3x3x3 convolutions, whole volume or sliding windows",
         {"features": 32, "levels": 4},
     ),
     "3d-aniso": ModelSpec(
-        "3d",
+        ModelKind.D3,
         lambda c: UNet3D(c.features, c.levels, c.pool_kernels or _aniso_kernels(c.levels, 2), c.norm, c.n_classes),
         "3D U-Net that pools in-plane only at the first two levels (thick slices)",
         {"features": 16, "levels": 4, "norm": "instance"},
