@@ -35,7 +35,8 @@ from .data import SUBJECT_FILE, Subject, find_subjects, load_subjects, make_fold
 from .ensemble import fit, member_split
 from .errors import InputError, OutputExistsError
 from .inference import load_model, predict_volume
-from .metrics import curves_from_counts, evaluate, histogram_counts, optimal_threshold, volume_ml
+from .calibration import threshold_from_counts
+from .metrics import curves_from_counts, evaluate, histogram_counts, volume_ml
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, emit
 from .report import format_table, write_report
 from .training import TrainConfig, train_model
@@ -179,7 +180,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     curves = curves_from_counts(pos, neg)
     thr = model.threshold
     if setup.protocol == "paper":  # the study: operating point on the scored fold itself
-        thr = float(optimal_threshold(curves))
+        thr = threshold_from_counts(pos, neg, bounds=None)
     subjects = []
     for sid in test_ids:
         s, p = setup.subjects[sid], preds[sid]

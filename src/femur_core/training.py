@@ -33,12 +33,14 @@ from .inference import (autocast, memory_format, predict_array, resolve_amp, res
                         to_format)
 from .volume_io import atomic_write_bytes
 from .loss import get_loss
-from .metrics import curves_from_histogram, dice, optimal_threshold
+from .calibration import THRESHOLD_BOUNDS, calibrate_threshold  # noqa: F401 (THRESHOLD_BOUNDS: re-exported)
+from .metrics import dice
 from .models.registry import MODELS, ModelConfig, ModelKind, build_model, default_config
 from .preprocess import GridSpec, Prepared, prepare
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check_cancel, emit
 
-__all__ = ["TrainConfig", "TrainResult", "RECIPES", "recipe", "train_model", "prepare_subjects"]
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "BatchSource", "RECIPES", "recipe", "train_model",
+           "prepare_subjects"]
 
 AUGMENTATIONS = ("flip", "intensity", "affine", "gamma", "blur", "lowres")
 
@@ -503,20 +505,8 @@ def _validate_shared(net, cfg: TrainConfig, preps: list[Prepared], device, amp, 
     return float(np.mean(vals)) if vals else float("nan")
 
 
-#: The PRC-optimal threshold of a few early-stopping subjects is kept inside these bounds:
-#: a value at the very ends of [0, 1] says the probabilities are miscalibrated there, not
-#: that a near-0 or near-1 cut generalises (seen: 0.004 on a 2-subject inner split).
-THRESHOLD_BOUNDS = (0.05, 0.95)
-
-
 def _optimal_threshold_on(probs: list[np.ndarray], preps: list[Prepared]) -> float:
-    if not probs:
-        return 0.5
-    prob = np.concatenate([p.ravel() for p in probs])
-    ref = np.concatenate([p.mask.ravel() for p in preps]).astype(bool)
-    if not ref.any():
-        return 0.5
-    return float(np.clip(optimal_threshold(curves_from_histogram(prob, ref)), *THRESHOLD_BOUNDS))
+    return calibrate_threshold(probs, [p.mask for p in preps])
 
 
 def _write_history(out_dir: Path, history: list[dict]) -> None:
@@ -540,6 +530,301 @@ def _effective_config(config: TrainConfig, subjects: list[Subject]) -> TrainConf
     if aux == config.aux_labels and config.model.n_classes == n_classes:
         return config
     return config.replace(aux_labels=aux, model=dataclasses.replace(config.model, n_classes=n_classes))
+
+
+
+# ----------------------------------------------------------------------------- the trainer
+@dataclass
+class TrainState:
+    """Where a run is: saved to ``last.pt`` and restored as one unit (resume).
+
+    Attributes
+    ----------
+    epoch : int
+        Epochs finished.
+    step : int
+        Steps of the next epoch already done (a run cancelled within an epoch).
+    elapsed_s : float
+        Training seconds so far (the budget and the poly schedule use them).
+    best_val : float
+        Best validation DSC so far (-1 before the first epoch).
+    history : list of dict
+        One row per finished epoch (``history.csv``).
+    losses : list of float
+        The losses of this epoch's steps so far.
+    """
+
+    epoch: int = 0
+    step: int = 0
+    elapsed_s: float = 0.0
+    best_val: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+    def save(self, path: Path, net, opt, cfg_dict: dict, world: int = 1) -> None:
+        """Write a resumable ``last.pt`` (weights, optimiser, this state) atomically."""
+        save_checkpoint(path, net, cfg_dict, optimizer=opt.state_dict(), epoch=self.epoch, step=self.step,
+                        elapsed_s=self.elapsed_s, history_json=json.dumps(self.history), best_val=self.best_val,
+                        losses_json=json.dumps(self.losses), **({"world_size": world} if world > 1 else {}))
+
+    @classmethod
+    def restore(cls, path: Path, net, opt, cfg_dict: dict, world: int = 1) -> "TrainState":
+        """Load ``last.pt`` into ``net`` and ``opt``; refuses one written with other settings."""
+        payload = load_checkpoint(path)
+        if payload["config"] != cfg_dict:
+            raise InputError(path, "an earlier run with different settings is in this folder; "
+                                   "choose another output folder or delete it")
+        load_weights_into(net, payload, path)
+        opt.load_state_dict(payload["optimizer"])
+        state = cls(int(payload["epoch"]), int(payload["step"]), float(payload["elapsed_s"]),
+                    float(payload["best_val"]), json.loads(payload["history_json"]))
+        if state.step and int(payload.get("world_size", 1)) != world:  # other global batches: redo the epoch
+            state.step = 0
+        state.losses = json.loads(payload.get("losses_json", "[]")) if state.step else []
+        return state
+
+
+class _Clock:
+    """Training time across resumes: the seconds of earlier sessions plus this one's."""
+
+    def __init__(self, earlier_s: float = 0.0) -> None:
+        self.earlier_s, self.t0 = earlier_s, time.monotonic()
+
+    def elapsed(self) -> float:
+        return self.earlier_s + time.monotonic() - self.t0
+
+    def over(self, config: TrainConfig) -> bool:
+        """Past the budget (the same answer on every torchrun process)."""
+        return config.max_minutes is not None and _dist.reduce_flag(self.elapsed() > 60 * config.max_minutes)
+
+
+class BatchSource:
+    """The training batches: which samples each epoch draws and how one batch is built.
+
+    Everything is seeded by (seed, epoch[, step]), so a resumed run draws the
+    very batches an uninterrupted one would. Under torchrun every process
+    builds the global batch and keeps its share.
+    """
+
+    def __init__(self, preps: list[Prepared], config: TrainConfig, net, world: int = 1) -> None:
+        self.preps, self.config, self.net, self.world = preps, config, net, world
+        self.kind = MODELS[config.model.name].kind
+        global_batch = config.batch_size * world
+        # more than one sample per (global) batch and volumes of different shapes: 3D crops of one size
+        # (2D: slices padded / tiled as for the largest slice)
+        self.patch_3d = _batch_patch_size(preps, config, global_batch) if self.kind == ModelKind.D3 else None
+        self.size_2d = _batch_slice_size(preps, global_batch) if self.kind != ModelKind.D3 else None
+
+    def epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """The global batches of an epoch: lists of (subject index, slice index or -1)."""
+        samples = _epoch_samples(self.preps, self.config, np.random.default_rng([self.config.seed, epoch]))
+        gb = self.config.batch_size * self.world
+        return [samples[i:i + gb] for i in range(0, len(samples), gb)]
+
+    def batch(self, batch: list[tuple[int, int]], epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Inputs, targets and this process's share weight of one global batch, augmented."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, epoch, step])
+        xs, ys = [], []
+        for i, z in batch:
+            if self.kind == ModelKind.D3:
+                x, y = _make_3d_sample(self.preps[i], cfg, self.net, rng, self.patch_3d)
+            else:
+                x, y = _make_2d_sample(self.preps[i], z, cfg, self.net, rng, self.size_2d)
+            xs.append(x)
+            ys.append(y)
+        xb = torch.from_numpy(np.stack(xs).astype(np.float32))
+        yb = torch.from_numpy(np.stack(ys).astype(np.int64))
+        xb, yb = _augment(xb, yb, cfg.augment, rng, multiclass=cfg.aux_labels)
+        share_w = 1.0
+        if self.world > 1:  # this rank's share of the global batch, built and augmented as one process would
+            share, share_w = _dist.local_share(len(xb))
+            xb, yb = xb[share], yb[share]
+        return xb, yb, share_w
+
+
+def _set_lr(opt, config: TrainConfig, clock: _Clock, epoch_progress: float, world: int) -> None:
+    """Apply the schedule (:func:`lr_factor`); under torchrun rank 0's clock decides for every rank."""
+    if config.lr_schedule == "constant":
+        return
+    fac = lr_factor(config, clock.elapsed(), epoch_progress)
+    fac = _dist.broadcast_object(fac) if world > 1 else fac
+    for g in opt.param_groups:
+        g["lr"] = config.lr * fac
+
+
+@dataclass
+class _Run:
+    """The live objects of one training run (released as a whole on cancel)."""
+
+    config: TrainConfig
+    cfg_dict: dict
+    out: Path
+    net: torch.nn.Module
+    ddp_net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    loss_fn: object
+    device: torch.device
+    amp: torch.dtype | None
+    fmt: torch.memory_format | None
+    world: int
+    is_main: bool
+    progress: ProgressCallback | None
+    cancel: CancelToken | None
+    fold: int | None
+    phase: str = "steps"  # "steps", "validate" or "bookkeeping" (what a cancel interrupts)
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    def save_last(self, state: TrainState) -> None:
+        if self.is_main:
+            state.save(self.last_path, self.net, self.opt, self.cfg_dict, self.world)
+
+
+def _build_run(config: TrainConfig, out: Path, progress, cancel, fold) -> _Run:
+    """Device, precision, network, optimiser and loss of a run, seeded by ``config.seed``."""
+    device = _dist.device_for_rank(resolve_device(config.device))
+    kind = MODELS[config.model.name].kind
+    amp = resolve_amp(config.precision, device, train_kind=kind)
+    torch.manual_seed(config.seed)
+    net = build_model(config.model).to(device)
+    fmt = memory_format(kind, device, amp)
+    if fmt is not None:
+        net = net.to(memory_format=fmt)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return _Run(config, config.to_dict(), out, net, net, opt, get_loss(config.loss), device, amp, fmt,
+                _dist.world_size(), _dist.is_main(), progress, cancel, fold)
+
+
+def _init_weights_from(run: _Run, init_from: "str | os.PathLike") -> None:
+    """Fine-tuning: start from the weights of another model of the same architecture."""
+    from .checkpoint import resolve_model_path
+
+    init_path = resolve_model_path(init_from)
+    try:
+        load_weights_into(run.net, load_checkpoint(init_path), init_path)
+    except ModelFileError as exc:
+        raise InputError(init_path, f"cannot fine-tune this model with these settings ({exc}); its "
+                                    "architecture, and its label-map class, must be kept "
+                                    "(femur_core.finetune.finetune_config)") from None
+    emit(run.progress, ProgressEvent(Stage.INFO, fold=run.fold, message=f"starting from the weights of {init_path}"))
+
+
+def _check_cancel_all(run: _Run) -> None:
+    """Raise :class:`Cancelled` on every torchrun process at the same step."""
+    want_stop = run.cancel is not None and run.cancel.cancelled
+    if _dist.reduce_flag(want_stop) if run.world > 1 else want_stop:
+        raise Cancelled("cancelled by the user")
+
+
+def _train_epoch(run: _Run, state: TrainState, source: BatchSource, clock: _Clock) -> bool:
+    """The steps of epoch ``state.epoch`` from ``state.step`` on; True when the budget ran out."""
+    config = run.config
+    batches = source.epoch(state.epoch)
+    if not state.step:
+        state.losses = []
+    run.phase = "steps"
+    for step in range(state.step, len(batches)):
+        _check_cancel_all(run)
+        xb, yb, share_w = source.batch(batches[step], state.epoch, step)
+        xb, yb = to_format(xb.to(run.device), run.fmt), yb.to(run.device)
+        with autocast(run.device, run.amp):
+            logits = run.ddp_net(xb)
+        loss = run.loss_fn(logits.float(), yb)
+        if share_w != 1.0:
+            loss = loss * share_w
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _set_lr(run.opt, config, clock, state.epoch + step / max(len(batches), 1), run.world)
+        run.opt.step()
+        state.losses.append(_dist.reduce_mean(float(loss.detach())) if run.world > 1 else float(loss.detach()))
+        state.step = step + 1
+        emit(run.progress, ProgressEvent(Stage.TRAIN, step + 1, len(batches), state.epoch + 1, config.max_epochs,
+                                         run.fold, float(np.mean(state.losses))))
+        if clock.over(config):
+            return True
+    return False
+
+
+def _validate_epoch(run: _Run, state: TrainState, val_p: list[Prepared]) -> float:
+    """Validation DSC of the current weights on the early-stopping subjects."""
+    run.phase = "validate"
+    emit(run.progress, ProgressEvent(Stage.VALIDATE, epoch=state.epoch + 1, epochs=run.config.max_epochs,
+                                     fold=run.fold))
+    if run.world > 1:
+        return _validate_shared(run.net, run.config, val_p, run.device, run.amp, run.cancel)
+    return _validate(run.net, run.config, val_p, run.device, run.amp, run.cancel)[0]
+
+
+def _end_epoch(run: _Run, state: TrainState, val_dsc: float, clock: _Clock) -> None:
+    """Record the epoch; write ``best.pt`` (on improvement), ``last.pt`` and ``history.csv``."""
+    run.phase = "bookkeeping"
+    state.epoch += 1
+    state.history.append({"epoch": state.epoch, "loss": float(np.mean(state.losses)) if state.losses else float("nan"),
+                          "val_dsc": val_dsc, "minutes": round(clock.elapsed() / 60, 3)})
+    if val_dsc > state.best_val:
+        state.best_val = val_dsc
+        if run.is_main:
+            save_checkpoint(run.best_path, run.net, run.cfg_dict, epoch=state.epoch, val_dsc=val_dsc)
+    state.step, state.losses, state.elapsed_s = 0, [], clock.elapsed()
+    run.save_last(state)
+    if run.is_main:
+        _write_history(run.out, state.history)
+    emit(run.progress, ProgressEvent(Stage.EPOCH_END, epoch=state.epoch, epochs=run.config.max_epochs, fold=run.fold,
+                                     loss=state.history[-1]["loss"], val_dsc=val_dsc))
+
+
+def _train_loop(run: _Run, state: TrainState, source: BatchSource, val_p: list[Prepared], clock: _Clock) -> str:
+    """Epochs until the limit, the budget or early stopping; returns the stop reason."""
+    config = run.config
+    while state.epoch < config.max_epochs:
+        if state.history and _early_stop([h["val_dsc"] for h in state.history], config):
+            return "early_stopping"  # resumed after the run had already stopped
+        if clock.over(config):
+            return "time_budget"
+        over_budget = _train_epoch(run, state, source, clock)
+        val_dsc = _validate_epoch(run, state, val_p)
+        _end_epoch(run, state, val_dsc, clock)
+        if over_budget:
+            return "time_budget"
+        if _early_stop([h["val_dsc"] for h in state.history], config):
+            return "early_stopping"
+    return "max_epochs"
+
+
+def _finish(run: _Run, state: TrainState, val_p: list[Prepared]) -> float:
+    """Reload the best weights, calibrate the threshold on the early-stopping subjects, store it in ``best.pt``."""
+    thr = 0.5
+    if run.is_main:  # under torchrun rank 0 alone writes; the others wait
+        if not run.best_path.exists():  # zero epochs ran (budget 0): keep the current weights
+            save_checkpoint(run.best_path, run.net, run.cfg_dict, epoch=state.epoch, val_dsc=float("nan"))
+        best = load_checkpoint(run.best_path)
+        load_weights_into(run.net, best, run.best_path)
+        _, probs = _validate(run.net, run.config, val_p, run.device, run.amp, run.cancel)
+        thr = _optimal_threshold_on(probs, val_p)
+        save_checkpoint(run.best_path, run.net, run.cfg_dict, epoch=int(best.get("epoch", state.epoch)),
+                        val_dsc=float(best.get("val_dsc", float("nan"))), threshold=thr)
+    if run.world > 1:
+        _dist.barrier()
+        thr = float(_dist.broadcast_object(thr))
+    return thr
+
+
+def _config_for(config: TrainConfig, subjects: list[Subject], progress, fold) -> TrainConfig:
+    """The effective configuration, with a note where only some subjects have a label map."""
+    effective = _effective_config(config, subjects)
+    missing = [s.id for s in subjects if s.labels is None]
+    if config.aux_labels and not effective.aux_labels and len(missing) < len(subjects):
+        emit(progress, ProgressEvent(Stage.INFO, fold=fold, message=(
+            f"training with the femur mask alone: {len(missing)} subject(s) have no label map "
+            f"(subNN_bones.nii.gz), e.g. {', '.join(missing[:3])}")))
+    return effective
 
 
 def train_model(
@@ -570,7 +855,7 @@ def train_model(
         Checked before every step; on cancel a resumable ``last.pt`` is written
         and :class:`~femur_core.errors.Cancelled` raised.
     resume : bool
-        Continue from ``out_dir/last.pt`` if it exists and matches ``config``.
+        Continue from ``out_dir/last.pt`` (a :class:`TrainState`) if it exists and matches ``config``.
     cache : dict, optional
         Memo of preprocessed subjects shared between calls (cross-validation).
     init_from : path-like, optional
@@ -589,200 +874,55 @@ def train_model(
         raise InputError(None, "no validation subjects for early stopping")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    requested_aux = config.aux_labels
-    config = _effective_config(config, train + val)
-    missing = [s.id for s in train + val if s.labels is None]
-    if requested_aux and not config.aux_labels and len(missing) < len(train + val):  # some have one, some not
-        emit(progress, ProgressEvent(Stage.INFO, fold=fold, message=(
-            f"training with the femur mask alone: {len(missing)} subject(s) have no label map "
-            f"(subNN_bones.nii.gz), e.g. {', '.join(missing[:3])}")))
-    device = resolve_device(config.device)
-    # torchrun (distributed.py): `world` processes, each with batch_size samples of a global batch
-    world, is_main = _dist.world_size(), _dist.is_main()
-    device = _dist.device_for_rank(device)
-    kind = MODELS[config.model.name].kind
-    amp = resolve_amp(config.precision, device, train_kind=kind)
-    cfg_dict = config.to_dict()
-
-    torch.manual_seed(config.seed)
-    net = build_model(config.model).to(device)
-    fmt = memory_format(kind, device, amp)
-    if fmt is not None:
-        net = net.to(memory_format=fmt)
-    opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    loss_fn = get_loss(config.loss)
-
-    history: list[dict] = []
-    losses0: list[float] = []
-    epoch, step0, elapsed0, best_val = 0, 0, 0.0, -1.0
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    if init_from is not None and not (resume and last_path.exists()):
-        from .checkpoint import resolve_model_path
-
-        init_path = resolve_model_path(init_from)
-        try:
-            load_weights_into(net, load_checkpoint(init_path), init_path)
-        except ModelFileError as exc:
-            raise InputError(init_path, f"cannot fine-tune this model with these settings ({exc}); its "
-                                        "architecture, and its label-map class, must be kept "
-                                        "(femur_core.finetune.finetune_config)") from None
-        emit(progress, ProgressEvent(Stage.INFO, fold=fold, message=f"starting from the weights of {init_path}"))
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
-        if state["config"] != cfg_dict:
-            raise InputError(last_path, "an earlier run with different settings is in this folder; "
-                                        "choose another output folder or delete it")
-        load_weights_into(net, state, last_path)
-        opt.load_state_dict(state["optimizer"])
-        epoch, step0 = int(state["epoch"]), int(state["step"])
-        elapsed0 = float(state["elapsed_s"])
-        history = json.loads(state["history_json"])
-        best_val = float(state["best_val"])
-        if step0 and int(state.get("world_size", 1)) != world:  # other global batches: redo the epoch
-            step0 = 0
-        losses0 = json.loads(state.get("losses_json", "[]")) if step0 else []  # this epoch's steps so far
-        emit(progress, ProgressEvent(Stage.RESUME, epoch=epoch, fold=fold,
-                                     message=f"resumed at epoch {epoch + 1}, step {step0}"))
-
-    ddp_net = _dist.wrap_ddp(net, device)  # `net` itself when one process trains
-    train_p = prepare_subjects(train, config.grid, cache)
+    config = _config_for(config, train + val, progress, fold)
+    run = _build_run(config, out, progress, cancel, fold)
+    resuming = resume and run.last_path.exists()
+    if init_from is not None and not resuming:
+        _init_weights_from(run, init_from)
+    state = TrainState()
+    if resuming:
+        state = TrainState.restore(run.last_path, run.net, run.opt, run.cfg_dict, run.world)
+        emit(progress, ProgressEvent(Stage.RESUME, epoch=state.epoch, fold=fold,
+                                     message=f"resumed at epoch {state.epoch + 1}, step {state.step}"))
+    run.ddp_net = _dist.wrap_ddp(run.net, run.device)  # `net` itself when one process trains
+    source = BatchSource(prepare_subjects(train, config.grid, cache), config, run.net, run.world)
     val_p = prepare_subjects(val, config.grid, cache)
-    # more than one sample per (global) batch and volumes of different shapes: 3D crops of one size
-    # (2D: slices padded / tiled as for the largest slice)
-    patch_3d = _batch_patch_size(train_p, config, config.batch_size * world) if kind == ModelKind.D3 else None
-    size_2d = _batch_slice_size(train_p, config.batch_size * world) if kind != ModelKind.D3 else None
-    t_start = time.monotonic()
-    stop_reason = "max_epochs"
-
-    def elapsed() -> float:
-        return elapsed0 + time.monotonic() - t_start
-
-    def save_last(ep: int, st: int, epoch_losses: list[float] | None = None) -> None:
-        if not is_main:
-            return
-        save_checkpoint(last_path, net, cfg_dict, optimizer=opt.state_dict(), epoch=ep, step=st,
-                        elapsed_s=elapsed(), history_json=json.dumps(history), best_val=best_val,
-                        losses_json=json.dumps(epoch_losses or []),
-                        **({"world_size": world} if world > 1 else {}))
-
-    # On cancel / Ctrl-C a resumable last.pt is written for the position reached: `done` steps of
-    # `epoch` ("steps" / "validate" phase). During the end-of-epoch bookkeeping the last.pt on disk
-    # (the previous epoch's) is kept: replaying the epoch from it gives the same result.
-    phase, done, stopped, losses = "steps", step0, None, list(losses0)
-    net.train()
+    clock = _Clock(state.elapsed_s)
+    run.net.train()
     try:
-        while epoch < config.max_epochs:
-            if history and _early_stop([h["val_dsc"] for h in history], config):
-                stop_reason = "early_stopping"  # resumed after the run had already stopped
-                break
-            if config.max_minutes is not None and _dist.reduce_flag(elapsed() > 60 * config.max_minutes):
-                stop_reason = "time_budget"
-                break
-            rng_epoch = np.random.default_rng([config.seed, epoch])
-            samples = _epoch_samples(train_p, config, rng_epoch)
-            gb = config.batch_size * world  # global batch
-            batches = [samples[i:i + gb] for i in range(0, len(samples), gb)]
-            losses: list[float] = list(losses0) if step0 else []
-            losses0 = []
-            phase, done = "steps", step0
-            over_budget = False
-            for step in range(step0, len(batches)):
-                want_stop = cancel is not None and cancel.cancelled
-                if _dist.reduce_flag(want_stop) if world > 1 else want_stop:  # all ranks stop at one step
-                    raise Cancelled("cancelled by the user")
-                rng = np.random.default_rng([config.seed, epoch, step])
-                xs, ys = [], []
-                for i, z in batches[step]:
-                    if kind == ModelKind.D3:
-                        x, y = _make_3d_sample(train_p[i], config, net, rng, patch_3d)
-                    else:
-                        x, y = _make_2d_sample(train_p[i], z, config, net, rng, size_2d)
-                    xs.append(x)
-                    ys.append(y)
-                xb = torch.from_numpy(np.stack(xs).astype(np.float32))
-                yb = torch.from_numpy(np.stack(ys).astype(np.int64))
-                xb, yb = _augment(xb, yb, config.augment, rng, multiclass=config.aux_labels)
-                share_w = 1.0
-                if world > 1:  # this rank's share of the global batch, built and augmented as one process would
-                    share, share_w = _dist.local_share(len(xb))
-                    xb, yb = xb[share], yb[share]
-                xb, yb = to_format(xb.to(device), fmt), yb.to(device)
-                with autocast(device, amp):
-                    logits = ddp_net(xb)
-                loss = loss_fn(logits.float(), yb)
-                if share_w != 1.0:
-                    loss = loss * share_w
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.lr_schedule != "constant":  # one rate on every rank: rank 0's clock decides
-                    fac = lr_factor(config, elapsed(), epoch + step / max(len(batches), 1))
-                    fac = _dist.broadcast_object(fac) if world > 1 else fac
-                    for g in opt.param_groups:
-                        g["lr"] = config.lr * fac
-                opt.step()
-                losses.append(_dist.reduce_mean(float(loss.detach())) if world > 1 else float(loss.detach()))
-                done = step + 1
-                emit(progress, ProgressEvent(Stage.TRAIN, step + 1, len(batches), epoch + 1, config.max_epochs, fold,
-                                             float(np.mean(losses))))
-                if config.max_minutes is not None and _dist.reduce_flag(elapsed() > 60 * config.max_minutes):
-                    over_budget = True
-                    break
-            step0 = 0
-            phase = "validate"
-            emit(progress, ProgressEvent(Stage.VALIDATE, epoch=epoch + 1, epochs=config.max_epochs, fold=fold))
-            if world > 1:
-                val_dsc = _validate_shared(net, config, val_p, device, amp, cancel)
-            else:
-                val_dsc, _ = _validate(net, config, val_p, device, amp, cancel)
-            phase = "bookkeeping"
-            epoch += 1
-            history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                            "val_dsc": val_dsc, "minutes": round(elapsed() / 60, 3)})
-            if val_dsc > best_val:
-                best_val = val_dsc
-                if is_main:
-                    save_checkpoint(best_path, net, cfg_dict, epoch=epoch, val_dsc=val_dsc)
-            save_last(epoch, 0)
-            if is_main:
-                _write_history(out, history)
-            emit(progress, ProgressEvent(Stage.EPOCH_END, epoch=epoch, epochs=config.max_epochs, fold=fold,
-                                         loss=history[-1]["loss"], val_dsc=val_dsc))
-            if over_budget:
-                stop_reason = "time_budget"
-                break
-            if _early_stop([h["val_dsc"] for h in history], config):
-                stop_reason = "early_stopping"
-                break
+        stop_reason = _train_loop(run, state, source, val_p, clock)
     except (KeyboardInterrupt, Cancelled) as exc:
-        if phase != "bookkeeping":
-            save_last(epoch, done, losses)
-        where = f"after epoch {epoch}" if phase == "bookkeeping" else f"at epoch {epoch + 1}, step {done}"
-        stopped = KeyboardInterrupt() if isinstance(exc, KeyboardInterrupt) else Cancelled(
-            f"training cancelled {where}; run it again to resume")
+        stopped = _stop_on_cancel(run, state, clock, exc)
+    else:
+        stopped = None
     if stopped is not None:  # release the model (and GPU memory) before raising: callers may keep the error
-        net = opt = ddp_net = xb = yb = logits = loss = None  # noqa: F841
+        device, run, source = run.device, None, None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise stopped
-    # final: PRC-optimal threshold of the best model on the early-stopping subjects
-    thr = 0.5
-    if is_main:  # under torchrun rank 0 alone writes; the others wait
-        if not best_path.exists():  # zero epochs ran (budget 0): keep the current weights
-            save_checkpoint(best_path, net, cfg_dict, epoch=epoch, val_dsc=float("nan"))
-        best = load_checkpoint(best_path)
-        load_weights_into(net, best, best_path)
-        _, probs = _validate(net, config, val_p, device, amp, cancel)
-        thr = _optimal_threshold_on(probs, val_p)
-        save_checkpoint(best_path, net, cfg_dict, epoch=int(best.get("epoch", epoch)),
-                        val_dsc=float(best.get("val_dsc", float("nan"))), threshold=thr)
-    if world > 1:
-        _dist.barrier()
-        thr = float(_dist.broadcast_object(thr))
-    emit(progress, ProgressEvent(Stage.DONE, epoch=epoch, epochs=config.max_epochs, fold=fold,
+    thr = _finish(run, state, val_p)
+    emit(progress, ProgressEvent(Stage.DONE, epoch=state.epoch, epochs=config.max_epochs, fold=fold,
                                  message=f"stopped: {stop_reason}"))
-    minutes = elapsed() / 60
-    del net, opt, ddp_net
+    minutes, device = clock.elapsed() / 60, run.device
+    del run, source
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return TrainResult(best_path, last_path, history, stop_reason, epoch, minutes, thr, config)
+    return TrainResult(out / "best.pt", out / "last.pt", state.history, stop_reason, state.epoch, minutes, thr, config)
+
+
+def _stop_on_cancel(run: _Run, state: TrainState, clock: _Clock, exc: BaseException) -> BaseException:
+    """Save a resumable ``last.pt`` for the position reached; the exception to raise.
+
+    During the end-of-epoch bookkeeping the ``last.pt`` on disk (the previous
+    epoch's) is kept: replaying the epoch from it gives the same result.
+    """
+    if run.phase == "bookkeeping":
+        where = f"after epoch {state.epoch}"
+    else:
+        state.elapsed_s = clock.elapsed()
+        run.save_last(state)
+        where = f"at epoch {state.epoch + 1}, step {state.step}"
+    if isinstance(exc, KeyboardInterrupt):
+        return KeyboardInterrupt()
+    return Cancelled(f"training cancelled {where}; run it again to resume")
