@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -188,7 +187,7 @@ def bench_3d(args, res: dict) -> None:
         res["3d_monai_vs_fp32"] = compare(pm, p32)
         print(f"  MONAI sliding_window_inference fp32 roi {roi} {fmt(res['3d_monai'])}")
     res["3d_flops_fraction_of_bf16_matmul"] = res["3d_ours"]["gflops"] / 1000 / res["matmul_bf16"]["tflops"]
-    del net
+    net = None  # released before the next benchmark (closures above read it)
     gc.collect()
 
 

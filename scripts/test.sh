@@ -11,6 +11,8 @@ if ! command -v xvfb-run >/dev/null 2>&1 || ! ldconfig -p 2>/dev/null | grep -q 
     libxcb-image0 libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0 libxcb-randr0 \
     libxcb-shape0 libxcb-xfixes0 libxcb-cursor0 libgl1 libegl1 libfontconfig1 libdbus-1-3 >/dev/null
 fi
+# lint first (the rules are in pyproject.toml [tool.ruff]); a finding fails the run
+.venv/bin/ruff check src tests bench
 export QT_QPA_PLATFORM=xcb
 # Qt 6 (PyQt6, what the napari extra installs) even in an older .venv that still holds PyQt5
 export QT_API="${QT_API:-pyqt6}"

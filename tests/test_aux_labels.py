@@ -13,7 +13,7 @@ from femur_core.errors import InputError
 from femur_core.inference import load_model, predict_volume
 from femur_core.volume_io import check_labels, read_volume
 from femur_core.loss import dice_cross_entropy, soft_dice_loss, weighted_cross_entropy
-from femur_core.models.registry import build_model, default_config
+from femur_core.models.registry import default_config
 from femur_core.preprocess import GridSpec, prepare
 from femur_core.training import TrainConfig, _augment, _effective_config, recipe, train_model
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -193,15 +192,15 @@ def test_affine_augmentation_keeps_valid_unet_target_aligned_with_its_tile():
     """The target of a valid U-Net is the centre of the input tile; both must move together."""
     from femur_core.training import _augment
 
-    I, O = 92, 52
-    yy, xx = np.mgrid[0:I, 0:I]
+    n_in, n_out = 92, 52
+    yy, xx = np.mgrid[0:n_in, 0:n_in]
     disc = (((yy - 40) / 18.0) ** 2 + ((xx - 55) / 12.0) ** 2 < 1).astype(np.float32)
     x = torch.from_numpy(np.stack([disc] * 3)[None].repeat(4, 0))
-    m = (I - O) // 2
-    y = torch.from_numpy(disc[m:m + O, m:m + O].astype(np.int64))[None].repeat(4, 1, 1)
+    m = (n_in - n_out) // 2
+    y = torch.from_numpy(disc[m:m + n_out, m:m + n_out].astype(np.int64))[None].repeat(4, 1, 1)
     xa, ya = _augment(x, y, ["affine"], np.random.default_rng(3))
     for b in range(4):
-        moved = (xa[b, 1, m:m + O, m:m + O] >= 0.5).numpy()
+        moved = (xa[b, 1, m:m + n_out, m:m + n_out] >= 0.5).numpy()
         inter = (moved & ya[b].numpy().astype(bool)).sum()
         assert 2 * inter / (moved.sum() + ya[b].sum().item()) > 0.95
 

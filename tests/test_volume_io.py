@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import tifffile
 
 from femur_core.errors import InputError, OutputExistsError
-from femur_core.volume_io import check_image, check_mask, read_pair, read_volume, write_volume
+from femur_core.volume_io import check_image, check_mask, read_volume, write_volume
 from femur_core.preprocess import GridSpec, prepare, restore
 from femur_core.volume import (CANONICAL_AXCODES, Volume, affine_from_napari, from_canonical, napari_affine,
                                to_canonical)

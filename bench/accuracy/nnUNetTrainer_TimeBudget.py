@@ -62,7 +62,7 @@ class _TimePolyLR:
 
 class nnUNetTrainer_TimeBudget(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
+                 device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's own signature)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.budget_s = 60.0 * float(os.environ.get("FEMUR_BENCH_BUDGET_MINUTES", "30"))
         self.num_iterations_per_epoch = int(os.environ.get("FEMUR_BENCH_ITERS_PER_EPOCH", "10"))

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 __all__ = ["UNet2D", "UNet3D", "init_weights", "valid_input_size", "valid_output_size"]
 
