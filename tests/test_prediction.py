@@ -94,3 +94,24 @@ def test_progress_stages_are_typed():
     assert ev.stage is Stage.EPOCH_END and ev.stage == "epoch_end" and str(ev.stage) == "epoch_end"
     with pytest.raises(ValueError, match="not a valid Stage"):
         ProgressEvent("trian")
+
+
+def test_predict_array_leaves_the_callers_module_as_it_was():
+    """Prediction borrows the network: mode, device and memory layout of its tensors stay the caller's."""
+    import torch
+
+    from femur_core.inference import predict_array
+    from femur_core.models import build_model, default_config
+
+    cfg = default_config("2d-same", features=4, levels=2)
+    net = build_model(cfg).to(memory_format=torch.channels_last).train()
+    weights = {n: (p.data_ptr(), p.is_contiguous(memory_format=torch.channels_last))
+               for n, p in net.named_parameters() if p.ndim == 4}
+    buffers = {n: b.data_ptr() for n, b in net.named_buffers()}
+    prob = predict_array(net, cfg, np.random.default_rng(0).normal(size=(3, 16, 16)).astype(np.float32),
+                         device="cpu", amp=None, flip_tta=True)
+    assert prob.shape == (3, 16, 16) and np.isfinite(prob).all()
+    assert net.training, "the caller's training mode was changed"
+    assert {n: (p.data_ptr(), p.is_contiguous(memory_format=torch.channels_last))
+            for n, p in net.named_parameters() if p.ndim == 4} == weights
+    assert {n: b.data_ptr() for n, b in net.named_buffers()} == buffers

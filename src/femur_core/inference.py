@@ -495,9 +495,36 @@ def predict_array(
     """
     device = torch.device(device)
     kind = MODELS[model_config.name].kind
-    net = net.to(device).eval()
     fmt = memory_format(kind, device, amp)
-    net = net.to(memory_format=fmt) if fmt is not None else net.to(memory_format=torch.contiguous_format)
+    with _borrowed(net, device, fmt):
+        return _predict_array(net, model_config, image, kind, device, amp, fmt, flip_tta, max_voxels, progress,
+                              cancel, literal_tiles)
+
+
+@contextlib.contextmanager
+def _borrowed(net: torch.nn.Module, device: torch.device, fmt: torch.memory_format | None):
+    """``net`` on ``device``, in eval mode and ``fmt`` layout for the duration of a prediction.
+
+    Afterwards the caller's module is as it was: its mode, and the very
+    tensors (device, layout) of every parameter and buffer.
+    """
+    was_training = net.training
+    params = [(p, p.data) for p in net.parameters()]
+    buffers = [(m, dict(m._buffers)) for m in net.modules()]
+    try:
+        net.to(device).eval()
+        net.to(memory_format=fmt if fmt is not None else torch.contiguous_format)
+        yield net
+    finally:
+        for p, data in params:
+            p.data = data
+        for m, saved in buffers:
+            m._buffers.update(saved)
+        net.train(was_training)
+
+
+def _predict_array(net, model_config, image, kind, device, amp, fmt, flip_tta, max_voxels, progress, cancel,
+                   literal_tiles) -> np.ndarray:
     channels_last = kind == ModelKind.D3 and fmt is not None
 
     def once(vol: np.ndarray) -> np.ndarray:

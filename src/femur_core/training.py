@@ -492,7 +492,6 @@ def _validate(net, cfg: TrainConfig, preps: list[Prepared], device, amp, cancel)
         prob = predict_array(net, cfg.model, p.image, device=device, amp=amp, flip_tta=False, cancel=cancel)
         probs.append(prob)
         dscs.append(dice(prob >= 0.5, p.mask.astype(bool)))
-    net.train()
     return float(np.mean(dscs)) if dscs else float("nan"), probs
 
 
