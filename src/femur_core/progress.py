@@ -38,6 +38,9 @@ class Stage(str, Enum):
         Cross-validation: test subject ``step`` of ``total`` of fold ``fold`` predicted and scored.
     FOLD_END
         A cross-validation fold finished.
+    FOLD_RESULT
+        A cross-validation fold's result for a listener (``message``: the result as JSON;
+        the Train panel's all-folds table).
     DONE
         A training run finished (the message sums it up).
     INFO
@@ -52,6 +55,7 @@ class Stage(str, Enum):
     PREDICT = "predict"
     SCORE = "score"
     FOLD_END = "fold_end"
+    FOLD_RESULT = "fold_result"
     DONE = "done"
     INFO = "info"
 
