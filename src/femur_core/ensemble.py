@@ -167,6 +167,14 @@ def fit(
             f"{len(subjects)} subjects are too few for {k} ensemble members: training {len(subjects)}")))
         k = len(subjects)
         config = config.replace(ensemble=k)
+    from .inference import resolve_device
+
+    resolve_device(config.device)  # an unavailable device is refused before any work
+    # a folder holding a run of the other kind (one network <-> members) is never mixed into
+    stale = (out / "last.pt") if k > 1 else next(iter(sorted(out.glob("member*/last.pt"))), None)
+    if stale is not None and stale.exists():
+        raise InputError(stale, "an earlier run with different settings is in this folder; "
+                                "choose another output folder or delete it")
     splits = member_split(subjects, config, seed)
     by_id = {s.id: s for s in subjects}
     member_cfg = config
@@ -174,7 +182,7 @@ def fit(
         member_cfg = config.replace(max_minutes=config.max_minutes / k)
     results: list[TrainResult] = []
     for j, (tr, es) in enumerate(splits):
-        if k > 1:
+        if k > 1 and j > 0:  # (not before the first: a refusal of the run stays the only line printed)
             emit(progress, ProgressEvent("info", fold=fold, message=(
                 f"ensemble member {j + 1} of {k}: {len(tr)} training, {len(es)} early-stopping subjects")))
         cfg_j = member_cfg.replace(seed=config.seed + j) if k > 1 else member_cfg
