@@ -131,3 +131,32 @@ def test_augmentations_keep_shapes_labels_and_are_seeded():
 
     xs = _blur(x, np.random.default_rng(3), p=1.0)
     assert float(xs.diff(dim=-1).abs().mean()) < float(x.diff(dim=-1).abs().mean())
+
+
+def test_cancelled_ensemble_resumes_without_retraining_finished_members(six_subjects, tmp_path):
+    """Cancel inside member 2, run again: member 1 is kept as it was, the model is complete and
+    equal to an uninterrupted run (constant rate, fixed epochs: an exact replay)."""
+    from femur_core.errors import Cancelled
+    from femur_core.progress import CancelToken
+
+    cfg = _cfg(ensemble=2, max_epochs=2, min_epochs=2)
+    ref = fit(six_subjects, cfg, tmp_path / "ref")
+    token, seen = CancelToken(), []
+
+    def cancel_in_member_2(ev):
+        seen.append(ev)
+        if ev.stage == "info" and "member 2 of 2" in (ev.message or ""):
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        fit(six_subjects, cfg, tmp_path / "run", progress=cancel_in_member_2, cancel=token)
+    first = (tmp_path / "run" / "member0" / "best.pt").read_bytes()
+    assert not (tmp_path / "run" / "model.pt").exists()
+    res = fit(six_subjects, cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "member0" / "best.pt").read_bytes()[-64:] != b"" and \
+        load_checkpoint(tmp_path / "run" / "member0" / "best.pt")["epoch"] == load_checkpoint(
+            tmp_path / "ref" / "member0" / "best.pt")["epoch"]
+    a, b = load_checkpoint(ref.model_file), load_checkpoint(res.model_file)
+    for sa, sb in zip(a["member_state_dicts"], b["member_state_dicts"]):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert first  # member 1's checkpoint existed before the resume
