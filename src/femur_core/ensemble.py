@@ -28,7 +28,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import distributed as _dist
@@ -37,7 +36,7 @@ from .data import Subject, inner_split, make_folds
 from .errors import InputError
 from .metrics import volume_ml
 from .progress import CancelToken, ProgressCallback, ProgressEvent, emit
-from .training import THRESHOLD_BOUNDS, TrainConfig, TrainResult, train_model
+from .training import TrainConfig, TrainResult, train_model
 
 __all__ = ["FitResult", "fit", "member_split"]
 
@@ -97,12 +96,13 @@ def _out_of_fold(results: list[TrainResult], splits, by_id: dict[str, Subject], 
     Every subject is predicted by the member that early-stopped on it, on the
     subject's own grid, as ``predict`` would (flip averaging, cleanup). The
     threshold is the PRC-optimal one of all these predictions together,
-    kept within ``THRESHOLD_BOUNDS``; each subject's DSC at that threshold is
+    kept within ``calibration.THRESHOLD_BOUNDS``; each subject's DSC at that threshold is
     an honest cross-validation estimate of one member (the averaged ensemble
     is not scored here: every subject was seen by the other members).
     """
     from .inference import load_model, predict_volume
-    from .metrics import curves_from_counts, dice, histogram_counts, optimal_threshold
+    from .calibration import threshold_from_counts
+    from .metrics import dice, histogram_counts
 
     preds, pos, neg = {}, None, None
     for res, (_, es) in zip(results, splits):
@@ -114,9 +114,7 @@ def _out_of_fold(results: list[TrainResult], splits, by_id: dict[str, Subject], 
             ps, ns = histogram_counts(p.prob.data, s.mask.data.astype(bool))
             pos, neg = (ps, ns) if pos is None else (pos + ps, neg + ns)
             preds[sid] = p
-    thr = 0.5
-    if pos is not None and pos.sum() > 0:
-        thr = float(np.clip(optimal_threshold(curves_from_counts(pos, neg)), *THRESHOLD_BOUNDS))
+    thr = threshold_from_counts(pos, neg) if pos is not None else 0.5
     scores = [{"subject": sid, "member": j,
                "dsc": float(dice(preds[sid].mask_at(thr).data > 0, by_id[sid].mask.data > 0))}
               for j, (_, es) in enumerate(splits) for sid in es]

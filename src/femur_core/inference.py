@@ -210,7 +210,7 @@ def _cv_run_models(folder: Path) -> list[Path]:
 def _cv_threshold(folder: Path, models: list[LoadedModel]) -> tuple[float, str]:
     """PRC-optimal threshold of a CV run's out-of-fold predictions (its ``fold*/curves.npz``),
     else the median of the fold models' thresholds."""
-    from .metrics import curves_from_counts, optimal_threshold
+    from .calibration import threshold_from_counts
 
     files = sorted(folder.glob("fold*/curves.npz"))
     if files and len(files) == len(models):
@@ -220,7 +220,7 @@ def _cv_threshold(folder: Path, models: list[LoadedModel]) -> tuple[float, str]:
                 pos = z["pos"] if pos is None else pos + z["pos"]
                 neg = z["neg"] if neg is None else neg + z["neg"]
         if pos is not None and pos.sum() > 0:
-            thr = float(np.clip(optimal_threshold(curves_from_counts(pos, neg)), 0.05, 0.95))
+            thr = threshold_from_counts(pos, neg)
             return thr, f"out-of-fold predictions of the cross-validation ({len(files)} folds)"
     return float(np.median([m.threshold for m in models])), "median of the fold models' thresholds"
 
