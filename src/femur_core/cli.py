@@ -168,6 +168,8 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--in-plane-spacing", type=float, help="model grid pixel size in mm")
     g.add_argument("--in-plane-size", type=int, help="model grid matrix (the study: 256)")
     g.add_argument("--central-slices", type=int, help="keep the central N slices (the study: 48)")
+    g.add_argument("--patch-size", help="random training crops instead of whole slices/volumes: Y,X (2D) or "
+                                        "Z,Y,X (3D), voxels of the model grid; 0 = whole slices/volumes")
     g.add_argument("--augment", help="comma list of flip,intensity,affine,gamma,blur,lowres")
     g.add_argument("--ensemble", type=int, help="member networks: 1 = one network on an inner split; k > 1 = one "
                                                 "per fold of a k-fold split, probabilities averaged, threshold "
@@ -239,6 +241,8 @@ def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
             setattr(cfg.grid, flag, o[flag])
             if flag == "in_plane_size":
                 cfg.grid.in_plane_spacing = None
+    if "patch_size" in o:
+        cfg.patch_size = _patch_size(o["patch_size"])
     if "aux_labels" in o:
         cfg.aux_labels = o["aux_labels"] in ("on", True)
     if "augment" in o:
@@ -252,12 +256,31 @@ def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
     return cfg
 
 
+def _patch_size(value) -> list[int] | None:
+    """``"128,128"`` / ``[128, 128]`` -> [128, 128]; ``"0"``, ``0`` or ``[]`` -> None (whole samples)."""
+    if isinstance(value, str):
+        try:
+            parts = [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
+        except ValueError:
+            raise InputError(None, f"--patch-size must be sizes separated by commas, got {value!r}") from None
+    elif isinstance(value, int):
+        parts = [value]
+    else:
+        parts = [int(v) for v in value]
+    if not parts or parts == [0]:
+        return None
+    if len(parts) not in (2, 3) or min(parts) < 8:
+        raise InputError(None, f"--patch-size must be Y,X or Z,Y,X of at least 8 voxels each, got {value!r}")
+    return parts
+
+
 def config_overrides(cfg) -> dict[str, Any]:
     """Every training flag's value for ``cfg`` (the inverse of :func:`config_from_overrides`)."""
     d = {"model": cfg.model.name, "features": cfg.model.features, "levels": cfg.model.levels,
          "in_slices": cfg.model.in_slices,
          "budget_minutes": cfg.max_minutes or 0, "aux_labels": "on" if cfg.aux_labels else "off",
-         "augment": ",".join(cfg.augment)}
+         "augment": ",".join(cfg.augment),
+         "patch_size": ",".join(map(str, cfg.patch_size)) if cfg.patch_size else "0"}
     d.update({flag: getattr(cfg, attr) for flag, attr in _PLAIN_FLAGS.items()})
     d.update({flag: getattr(cfg.grid, flag) for flag in _GRID_FLAGS})
     return d

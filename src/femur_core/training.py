@@ -85,7 +85,8 @@ class TrainConfig:
     bg_slice_ratio : float
         2D: slices without femur drawn per epoch, relative to slices with femur.
     patch_size : list of int or None
-        3D: random training patches (Z, Y, X) instead of whole volumes. With
+        Random training patches instead of whole slices / volumes: (Y, X) for a
+        padded 2D U-Net, (Z, Y, X) for 3D. With
         more than one sample per batch, volumes of different shapes are cut to
         random crops of their element-wise smallest shape (so that a batch
         stacks).
@@ -297,10 +298,35 @@ def _make_2d_sample(p: Prepared, z: int, cfg: TrainConfig, net, rng,
         sx = int(rng.integers(0, max(W - o, 0) + 1))
         return xp[:, sy:sy + plan.tile_in, sx:sx + plan.tile_in], yp[sy:sy + o, sx:sx + o]
     div = net.divisor
+    if cfg.patch_size:  # padded U-Net: a random crop (femur-centred two times in three)
+        x, y = _crop_2d(x, y, cfg.patch_size, rng)
+        H, W = y.shape
+        size = None
     th, tw = [int(math.ceil(s / d) * d) for s, d in zip(size or (H, W), div)]
     x = np.pad(x, ((0, 0), (0, th - H), (0, tw - W)), mode="edge")
     y = np.pad(y, ((0, th - H), (0, tw - W)), mode="constant")
     return x, y
+
+
+def _crop_2d(x: np.ndarray, y: np.ndarray, patch: list[int], rng) -> tuple[np.ndarray, np.ndarray]:
+    """A (C, ph, pw) / (ph, pw) crop of a slice stack and its target; a slice smaller than the
+    patch is padded first. Two crops in three are centred on a random femur pixel where the
+    slice has one (nnU-Net's foreground oversampling), the others uniform."""
+    ph, pw = int(patch[-2]), int(patch[-1])
+    H, W = y.shape
+    py, px = max(ph - H, 0), max(pw - W, 0)
+    if py or px:
+        x = np.pad(x, ((0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)), mode="edge")
+        y = np.pad(y, ((py // 2, py - py // 2), (px // 2, px - px // 2)), mode="constant")
+        H, W = y.shape
+    fg = np.nonzero(y == 1)
+    if len(fg[0]) and rng.random() < 2 / 3:
+        j = int(rng.integers(len(fg[0])))
+        sy = int(np.clip(fg[0][j] - ph // 2, 0, H - ph))
+        sx = int(np.clip(fg[1][j] - pw // 2, 0, W - pw))
+    else:
+        sy, sx = int(rng.integers(0, H - ph + 1)), int(rng.integers(0, W - pw + 1))
+    return x[:, sy:sy + ph, sx:sx + pw], y[sy:sy + ph, sx:sx + pw]
 
 
 def _batch_patch_size(preps: list[Prepared], cfg: TrainConfig, batch: int) -> list[int] | None:
