@@ -24,6 +24,8 @@ def test_every_recipe_and_changed_settings_round_trip_through_the_flags(name):
         base.replace(max_epochs=3, min_epochs=2, batch_size=2, augment=[], aux_labels=not base.aux_labels,
                      lr=1.2345678e-4, lr_schedule="poly", loss="wce"),
         base.replace(grid=GridSpec(in_plane_size=128, central_slices=24)),
+        base.replace(patch_size=[96, 112]),
+        base.replace(patch_size=None),
     ]
     for cfg in variants:
         assert _round_trip(cfg, name).to_dict() == cfg.to_dict()
@@ -40,3 +42,11 @@ def test_no_limit_is_written_and_read_as_budget_zero():
 def test_settings_without_a_flag_are_named():
     with pytest.raises(ValueError, match="val_fraction"):
         args_from_config(recipe("cpu-2d").replace(val_fraction=0.5), "cpu-2d")
+
+
+def test_patch_size_flag_is_checked():
+    assert config_from_overrides("cpu-2d", {"patch_size": "96,112"}).patch_size == [96, 112]
+    assert config_from_overrides("cpu-2d", {"patch_size": "0"}).patch_size is None
+    for bad in ("96", "a,b", "4,4", "1,2,3,4"):
+        with pytest.raises(Exception, match="--patch-size"):
+            config_from_overrides("cpu-2d", {"patch_size": bad})

@@ -127,3 +127,29 @@ def test_cli_cv_with_a_2d_recipe_and_a_3d_model_runs(tmp_path):
     result = json.loads((out / "fold0" / "result.json").read_text())
     assert result["epochs"] == 1 and len(result["subjects"]) == 2
 
+
+
+def test_2d_crops_have_the_patch_size_and_mostly_hold_femur(cohort):
+    """``patch_size`` (Y, X) for the padded 2D U-Net: every sample is a crop of that size (slices
+    smaller than the patch are padded), its target the same pixels as its image, and a femur slice
+    gives a crop with femur in it at least two times in three."""
+    from femur_core.models import build_model
+    from femur_core.training import _make_2d_sample, prepare_subjects
+
+    cfg = _tiny("cpu-2d", "2d-same").replace(aux_labels=False, patch_size=[16, 32])
+    preps = prepare_subjects(cohort, cfg.grid)
+    net = build_model(cfg.model)
+    p = preps[0]
+    z = int(np.nonzero(p.mask.reshape(p.mask.shape[0], -1).any(axis=1))[0][0])
+    rng = np.random.default_rng(0)
+    with_fg = 0
+    for _ in range(60):
+        x, y = _make_2d_sample(p, z, cfg, net, rng)
+        assert x.shape == (cfg.model.in_slices, 16, 32) and y.shape == (16, 32)
+        with_fg += int((y == 1).any())
+    assert with_fg >= 40
+    # the crop is the same window of image and target: a crop of the target itself is found in the mask
+    big = [-(-(n + 6) // d) * d for n, d in zip(p.image.shape[1:], net.divisor)]  # larger than the slice
+    x, y = _make_2d_sample(p, z, cfg.replace(patch_size=big), net, rng)
+    assert list(x.shape[1:]) == big
+    assert int(y.sum()) == int(p.mask[z].sum())
