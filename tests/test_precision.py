@@ -79,3 +79,19 @@ def test_no_fast_bf16_instructions_means_fp32_without_measuring(monkeypatch):
         assert resolve_amp("auto", CPU, train_kind="3d") is None
     finally:
         inference.cpu_bf16_conv3d_training_is_faster.cache_clear()
+
+
+def test_3d_early_stopping_predictions_follow_the_inference_policy(monkeypatch, tmp_path):
+    # bug caught: 3D validation forward passes run in fp32 because the conv3d *backward* is slow in
+    # bf16 on this CPU, when the forward is fast in bf16 (each epoch's validation then cost
+    # several times the training steps of a small budget)
+    from femur_core.models import default_config
+    from femur_core.training import TrainConfig, _build_run
+
+    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(inference, "cpu_bf16_conv3d_training_is_faster", lambda: False)
+    cfg = TrainConfig(model=default_config("3d", features=4, levels=2), device="cpu")
+    run = _build_run(cfg, tmp_path, None, None, None)
+    assert run.amp is None and run.val_amp is torch.bfloat16
+    run = _build_run(cfg.replace(precision="fp32"), tmp_path, None, None, None)
+    assert run.amp is None and run.val_amp is None

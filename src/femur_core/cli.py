@@ -165,11 +165,18 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--patience", type=int)
     g.add_argument("--budget-minutes", type=float, help="wall-clock training budget of the model, of all its "
                                                         "ensemble members together (0 = no limit)")
+    g.add_argument("--budget-clock", choices=["wall", "cpu"],
+                   help="what --budget-minutes counts: wall-clock time (default) or the process's CPU time "
+                        "(the same compute on a shared, unevenly loaded machine)")
+    g.add_argument("--flip-tta", choices=["on", "off"],
+                   help="inference default stored with the model: average with the left-right mirrored scan")
     g.add_argument("--in-plane-spacing", type=float, help="model grid pixel size in mm")
     g.add_argument("--in-plane-size", type=int, help="model grid matrix (the study: 256)")
     g.add_argument("--central-slices", type=int, help="keep the central N slices (the study: 48)")
     g.add_argument("--patch-size", help="random training crops instead of whole slices/volumes: Y,X (2D) or "
                                         "Z,Y,X (3D), voxels of the model grid; 0 = whole slices/volumes")
+    g.add_argument("--patches-per-volume", type=int,
+                   help="3D with --patch-size: random patches drawn from each volume per epoch (default 1)")
     g.add_argument("--augment", help="comma list of flip,intensity,affine,gamma,blur,lowres")
     g.add_argument("--ensemble", type=int, help="member networks: 1 = one network on an inner split; k > 1 = one "
                                                 "per fold of a k-fold split, probabilities averaged, threshold "
@@ -188,7 +195,8 @@ def config_from_args(args: argparse.Namespace, default_recipe: str):
 #: Flags copied to a TrainConfig attribute as they are (flag dest -> attribute).
 _PLAIN_FLAGS = {"loss": "loss", "lr": "lr", "lr_schedule": "lr_schedule", "epochs": "max_epochs",
                 "min_epochs": "min_epochs", "patience": "patience", "batch_size": "batch_size",
-                "seed": "seed", "device": "device", "precision": "precision", "ensemble": "ensemble"}
+                "seed": "seed", "device": "device", "precision": "precision", "ensemble": "ensemble",
+                "budget_clock": "budget_clock", "patches_per_volume": "patches_per_volume"}
 _GRID_FLAGS = ("in_plane_spacing", "in_plane_size", "central_slices")
 #: Flags that :func:`args_from_config` always writes, so a printed command reads complete.
 ALWAYS_WRITTEN = ("model", "features", "levels", "epochs", "patience", "budget_minutes", "seed", "device")
@@ -245,6 +253,8 @@ def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
         cfg.patch_size = _patch_size(o["patch_size"])
     if "aux_labels" in o:
         cfg.aux_labels = o["aux_labels"] in ("on", True)
+    if "flip_tta" in o:
+        cfg.flip_tta = o["flip_tta"] in ("on", True)
     if "augment" in o:
         aug = o["augment"]
         cfg.augment = [a for a in (aug.split(",") if isinstance(aug, str) else aug) if a]
@@ -279,6 +289,7 @@ def config_overrides(cfg) -> dict[str, Any]:
     d = {"model": cfg.model.name, "features": cfg.model.features, "levels": cfg.model.levels,
          "in_slices": cfg.model.in_slices,
          "budget_minutes": cfg.max_minutes or 0, "aux_labels": "on" if cfg.aux_labels else "off",
+         "flip_tta": "on" if cfg.flip_tta else "off",
          "augment": ",".join(cfg.augment),
          "patch_size": ",".join(map(str, cfg.patch_size)) if cfg.patch_size else "0"}
     d.update({flag: getattr(cfg, attr) for flag, attr in _PLAIN_FLAGS.items()})

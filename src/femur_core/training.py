@@ -75,7 +75,13 @@ class TrainConfig:
         on the real data: stopped at 4.3 of 8 minutes). ``best.pt`` is still
         the epoch with the best validation DSC.
     max_minutes : float or None
-        Wall-clock training budget; training stops at the first step past it.
+        Training budget in minutes (of ``budget_clock``); training stops at
+        the first step past it.
+    budget_clock : str
+        What ``max_minutes`` counts: ``"wall"`` (wall-clock time) or ``"cpu"``
+        (this process's CPU time, :func:`time.process_time`: the same compute
+        for every run on a shared, unevenly loaded machine; with one thread it
+        is close to the wall time of an idle machine).
     augment : list of str
         Any of ``"flip"`` (left-right, the study), ``"intensity"`` (scale, shift,
         bias field, noise), ``"affine"`` (in-plane rotation and scaling),
@@ -90,6 +96,10 @@ class TrainConfig:
         more than one sample per batch, volumes of different shapes are cut to
         random crops of their element-wise smallest shape (so that a batch
         stacks).
+    patches_per_volume : int
+        3D with ``patch_size``: random patches drawn from each training volume
+        per epoch (the epoch's steps between two validations; 1: one, as a
+        whole volume).
     val_fraction : float
         Share of training subjects held out for early stopping (honest protocol).
     seed, device, precision
@@ -124,9 +134,11 @@ class TrainConfig:
     patience: int = 10
     min_delta: float = 1e-4
     max_minutes: float | None = None
+    budget_clock: str = "wall"
     augment: list[str] = field(default_factory=lambda: ["flip"])
     bg_slice_ratio: float = 1.0
     patch_size: list[int] | None = None
+    patches_per_volume: int = 1
     val_fraction: float = 0.2
     weight_decay: float = 0.0
     seed: int = 0
@@ -244,7 +256,8 @@ def _epoch_samples(preps: list[Prepared], cfg: TrainConfig, rng: np.random.Gener
     """(subject index, slice index) pairs for 2D; (subject index, -1) for 3D."""
     kind = MODELS[cfg.model.name].kind
     if kind == ModelKind.D3:
-        order = [(i, -1) for i in range(len(preps))]
+        per = max(1, int(cfg.patches_per_volume)) if cfg.patch_size else 1
+        order = [(i, -1) for i in range(len(preps)) for _ in range(per)]
         rng.shuffle(order)
         return order
     fg, bg = [], []
@@ -609,14 +622,24 @@ class TrainState:
         return state
 
 
-class _Clock:
-    """Training time across resumes: the seconds of earlier sessions plus this one's."""
+#: The clocks a training budget may count (``TrainConfig.budget_clock``).
+BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
-    def __init__(self, earlier_s: float = 0.0) -> None:
-        self.earlier_s, self.t0 = earlier_s, time.monotonic()
+
+class _Clock:
+    """Training time across resumes: the seconds of earlier sessions plus this one's.
+
+    ``kind`` is a key of :data:`BUDGET_CLOCKS`: wall-clock or process CPU seconds.
+    """
+
+    def __init__(self, earlier_s: float = 0.0, kind: str = "wall") -> None:
+        if kind not in BUDGET_CLOCKS:
+            raise ValueError(f"unknown budget_clock {kind!r}; choose {' or '.join(BUDGET_CLOCKS)}")
+        self.now = BUDGET_CLOCKS[kind]
+        self.earlier_s, self.t0 = earlier_s, self.now()
 
     def elapsed(self) -> float:
-        return self.earlier_s + time.monotonic() - self.t0
+        return self.earlier_s + self.now() - self.t0
 
     def over(self, config: TrainConfig) -> bool:
         """Past the budget (the same answer on every torchrun process)."""
@@ -698,6 +721,9 @@ class _Run:
     cancel: CancelToken | None
     fold: int | None
     phase: str = "steps"  # "steps", "validate" or "bookkeeping" (what a cancel interrupts)
+    #: autocast of the early-stopping predictions: inference's policy, which can differ from
+    #: training's (3D on a CPU whose bf16 conv3d backward is slow: fp32 steps, bf16 forward passes)
+    val_amp: torch.dtype | None = None
 
     @property
     def last_path(self) -> Path:
@@ -724,7 +750,8 @@ def _build_run(config: TrainConfig, out: Path, progress, cancel, fold) -> _Run:
         net = net.to(memory_format=fmt)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return _Run(config, config.to_dict(), out, net, net, opt, get_loss(config.loss), device, amp, fmt,
-                _dist.world_size(), _dist.is_main(), progress, cancel, fold)
+                _dist.world_size(), _dist.is_main(), progress, cancel, fold,
+                val_amp=resolve_amp(config.precision, device))
 
 
 def _init_weights_from(run: _Run, init_from: "str | os.PathLike") -> None:
@@ -783,8 +810,8 @@ def _validate_epoch(run: _Run, state: TrainState, val_p: list[Prepared]) -> floa
     emit(run.progress, ProgressEvent(Stage.VALIDATE, epoch=state.epoch + 1, epochs=run.config.max_epochs,
                                      fold=run.fold))
     if run.world > 1:
-        return _validate_shared(run.net, run.config, val_p, run.device, run.amp, run.cancel)
-    return _validate(run.net, run.config, val_p, run.device, run.amp, run.cancel)[0]
+        return _validate_shared(run.net, run.config, val_p, run.device, run.val_amp, run.cancel)
+    return _validate(run.net, run.config, val_p, run.device, run.val_amp, run.cancel)[0]
 
 
 def _end_epoch(run: _Run, state: TrainState, val_dsc: float, clock: _Clock) -> None:
@@ -831,7 +858,7 @@ def _finish(run: _Run, state: TrainState, val_p: list[Prepared]) -> float:
             save_checkpoint(run.best_path, run.net, run.cfg_dict, epoch=state.epoch, val_dsc=float("nan"))
         best = load_checkpoint(run.best_path)
         load_weights_into(run.net, best, run.best_path)
-        _, probs = _validate(run.net, run.config, val_p, run.device, run.amp, run.cancel)
+        _, probs = _validate(run.net, run.config, val_p, run.device, run.val_amp, run.cancel)
         thr = _optimal_threshold_on(probs, val_p)
         save_checkpoint(run.best_path, run.net, run.cfg_dict, epoch=int(best.get("epoch", state.epoch)),
                         val_dsc=float(best.get("val_dsc", float("nan"))), threshold=thr)
@@ -912,7 +939,7 @@ def train_model(
     run.ddp_net = _dist.wrap_ddp(run.net, run.device)  # `net` itself when one process trains
     source = BatchSource(prepare_subjects(train, config.grid, cache), config, run.net, run.world)
     val_p = prepare_subjects(val, config.grid, cache)
-    clock = _Clock(state.elapsed_s)
+    clock = _Clock(state.elapsed_s, config.budget_clock)
     run.net.train()
     try:
         stop_reason = _train_loop(run, state, source, val_p, clock)
