@@ -181,15 +181,7 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
     thr = model.threshold
     if setup.protocol == "paper":  # the study: operating point on the scored fold itself
         thr = threshold_from_counts(pos, neg, bounds=None)
-    subjects = []
-    for sid in test_ids:
-        s, p = setup.subjects[sid], preds[sid]
-        mask = p.mask.data if thr == p.threshold else p.mask_at(thr).data
-        m = evaluate(mask.astype(bool), s.mask.data.astype(bool), s.image.spacing)
-        subjects.append({"subject": sid, **m.to_dict()})
-        if write_predictions:
-            write_volume(p.mask.with_data(mask.astype(np.uint8)), setup.run_dir / "predictions" / f"{sid}_mask.nii.gz",
-                         overwrite=True, dtype=np.uint8)
+    subjects, raw = _score(setup, preds, test_ids, thr, write_predictions)
     np.savez(fold_dir / "curves.tmp.npz", pos=pos, neg=neg)
     os.replace(fold_dir / "curves.tmp.npz", fold_dir / "curves.npz")
     result = {"fold": k, "threshold": thr, "protocol": setup.protocol, "train_subjects": tr_ids,
@@ -198,12 +190,39 @@ def run_fold(setup: CVSetup, k: int, progress: ProgressCallback | None = None,
               "stop_reason": res.stop_reason, "train_minutes": res.minutes,
               "roc_auc": curves.roc_auc(), "average_precision": curves.average_precision(),
               "subjects": subjects}
+    if raw is not None:
+        result["subjects_no_cleanup"] = raw
     if _dist.world_size() > 1:
         result["world_size"] = _dist.world_size()
     atomic_write_bytes(done, dump_json(result), overwrite=True)
     _dist.barrier()
     emit(progress, ProgressEvent(Stage.FOLD_END, fold=k, message=f"fold {k} done"))
     return result
+
+
+def _score(setup: CVSetup, preds: dict, test_ids: list[str], thr: float,
+           write_predictions: bool) -> tuple[list[dict], list[dict] | None]:
+    """Per-subject metrics of the masks at ``thr`` on each subject's own grid.
+
+    Returns the metrics of the masks as the model makes them (with its
+    cleanup, when it has one) and, for a model with cleanup, those of the
+    same probability maps without it (the post-processing gain, the
+    study's Table 2), else None.
+    """
+    subjects, raw = [], []
+    cleanup = setup.config.cleanup
+    for sid in test_ids:
+        s, p = setup.subjects[sid], preds[sid]
+        ref = s.mask.data.astype(bool)
+        mask = p.mask.data if thr == p.threshold else p.mask_at(thr).data
+        subjects.append({"subject": sid, **evaluate(mask.astype(bool), ref, s.image.spacing).to_dict()})
+        if cleanup:
+            bare = p.mask_at(thr, cleanup=False).data.astype(bool)
+            raw.append({"subject": sid, **evaluate(bare, ref, s.image.spacing).to_dict()})
+        if write_predictions:
+            write_volume(p.mask.with_data(mask.astype(np.uint8)), setup.run_dir / "predictions" / f"{sid}_mask.nii.gz",
+                         overwrite=True, dtype=np.uint8)
+    return subjects, (raw if cleanup else None)
 
 
 def _has_images(folder: Path) -> bool:
