@@ -1,0 +1,235 @@
+"""Table 2 and Figures 3-4 of the study from finished cross-validation folds (derived numbers only).
+
+    python bench/study_table/report.py runs/study-table [--results bench/results] [--figures docs]
+
+Reads ``<run>/fold*/result.json`` (per-subject metrics with and without the cleanup, each subject
+scored on its own grid by ``femur_core.metrics.evaluate``) and ``<run>/fold*/curves.npz`` (the
+probability histograms of each fold's scored subjects), writes
+``bench/results/study-table-<date>.json``, ``docs/study_fig3_curves.png`` (mean ROC and PR curve
+of every run over its folds) and ``docs/study_fig4_boxes.png`` (DSC, precision and recall per row),
+and prints the table in Markdown. No image voxels are read or drawn.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from rows import ROWS, RUNS, STUDY_CURVES  # noqa: E402
+
+from femur_core.metrics import curves_from_counts  # noqa: E402
+
+METRICS = ("dsc", "precision", "recall", "specificity", "hd95_mm", "assd_mm")
+
+
+def _folds(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("fold*/result.json"))]
+
+
+def _mean_sd(v) -> list[float]:
+    a = np.asarray(v, dtype=float)
+    a = a[np.isfinite(a)]
+    if not len(a):
+        return [float("nan"), float("nan")]
+    return [round(float(a.mean()), 4), round(float(a.std(ddof=1)), 4) if len(a) > 1 else 0.0]
+
+
+def row_result(row, run_dir: Path, n_folds: int) -> dict | None:
+    """Summary of one table row from its run's finished folds (None: no fold finished)."""
+    folds = _folds(run_dir)
+    if not folds:
+        return None
+    key = "subjects" if row.cleanup else "subjects_no_cleanup"
+    subjects = [s for f in folds for s in f.get(key, f["subjects"])]
+    out = {"label": row.label, "run": row.run, "cleanup": row.cleanup, "folds_done": len(folds),
+           "folds": n_folds, "n_subjects": len(subjects),
+           "per_subject": {s["subject"]: {m: s[m] for m in METRICS} for s in subjects}}
+    for m in METRICS:
+        out[m] = _mean_sd([s[m] for s in subjects])
+    out["empty_masks"] = sum(1 for s in subjects if not s["dsc"] > 0)
+    out["roc_auc"] = _mean_sd([f["roc_auc"] for f in folds])
+    out["average_precision"] = _mean_sd([f["average_precision"] for f in folds])
+    out["train_cpu_minutes"] = [round(f["train_minutes"], 2) for f in folds]
+    out["epochs"] = [f["epochs"] for f in folds]
+    out["stop_reason"] = [f["stop_reason"] for f in folds]
+    out["thresholds"] = [round(f["threshold"], 4) for f in folds]
+    if row.study:
+        d, ds, p, ps, r, rs = row.study
+        out["study"] = {"dsc": [d, ds], "precision": [p, ps], "recall": [r, rs]}
+    return out
+
+
+def mean_curves(run_dir: Path) -> dict | None:
+    """Mean ROC (TPR on an FPR grid) and PR (precision on a recall grid) curves over the folds."""
+    grid = np.linspace(0, 1, 401)
+    roc, pr = [], []
+    for npz in sorted(run_dir.glob("fold*/curves.npz")):
+        d = np.load(npz)
+        c = curves_from_counts(d["pos"], d["neg"])
+        o = np.argsort(c.fpr, kind="stable")
+        roc.append(np.interp(grid, c.fpr[o], c.recall[o]))
+        rec, prec = c.recall[1:], c.precision[1:]
+        o = np.argsort(rec, kind="stable")
+        pr.append(np.interp(grid, rec[o], prec[o]))
+    if not roc:
+        return None
+    return {"grid": grid, "tpr": np.mean(roc, axis=0), "precision": np.mean(pr, axis=0)}
+
+
+def _savefig(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def figure3(out: Path, runs_dir: Path, table: dict) -> Path | None:
+    """Mean ROC and precision-recall curves of every run, AUC / AP (mean over folds) in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    drawn = 0
+    for run in RUNS:
+        c = mean_curves(runs_dir / run.name)
+        res = next((r for r in table["rows"] if r["run"] == run.name), None)
+        if c is None or res is None:
+            continue
+        a1.plot(c["grid"], c["tpr"], lw=1.4, label=f"{run.name}  AUC {res['roc_auc'][0]:.3f}")
+        a2.plot(c["grid"], c["precision"], lw=1.4, label=f"{run.name}  AP {res['average_precision'][0]:.3f}")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    a1.set(xlabel="false positive rate", ylabel="true positive rate (recall)", xlim=(0, 1), ylim=(0, 1.01),
+           title="ROC, mean over folds")
+    a1.set_xscale("symlog", linthresh=1e-3)
+    a2.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01), title="Precision-recall, mean over folds")
+    s3, s2 = STUDY_CURVES["3D F32 L4"], STUDY_CURVES["2D"]
+    fig.suptitle(f"Study (Fig. 3): 3D F32 L4 AUC {s3['roc_auc']} AP {s3['average_precision']}; "
+                 f"2D AUC {s2['roc_auc']} AP {s2['average_precision']}.  Curves: probabilities before the "
+                 "cleanup (one per model)", fontsize=9)
+    a1.legend(fontsize=7, loc="lower right")
+    a2.legend(fontsize=7, loc="lower left")
+    path = out / "study_fig3_curves.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def figure4(out: Path, table: dict) -> Path | None:
+    """Box plots over subjects of DSC, precision and recall per row; the study's means as red diamonds."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = table["rows"]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(14, 5.2), sharey=True)
+    labels = [r["label"].replace(" + largest component", " +LC").replace("ours: ", "") for r in rows]
+    for ax, m in zip(axes, ("dsc", "precision", "recall")):
+        data = [[s[m] for s in r["per_subject"].values() if np.isfinite(s[m])] for r in rows]
+        ax.boxplot(data, vert=True, widths=0.6, showfliers=True)
+        for i, r in enumerate(rows, start=1):
+            if "study" in r:
+                ax.plot(i, r["study"][m][0], "D", color="tab:red", ms=5, label="study mean" if i == 1 else None)
+        ax.set_xticks(range(1, len(rows) + 1), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_title(m if m == "dsc" else m, fontsize=10)
+        ax.set_ylim(0, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("per subject (own grid)")
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"{table['protocol_text']}", fontsize=9)
+    path = out / "study_fig4_boxes.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def protocol_text(runs_dir: Path) -> str:
+    p = runs_dir / "protocol.json"
+    if not p.exists():
+        return "protocol unknown (no protocol.json)"
+    d = json.loads(p.read_text())
+    return (f"honest {d['folds']}-fold CV (fold seed {d['fold_seed']}, the same folds for every row), "
+            f"{d['budget_cpu_minutes']:g} CPU-minutes of training per fold (1 thread, early-stopping validation "
+            f"included)")
+
+
+def build(runs_dir: Path) -> dict:
+    """The table: every row with at least one finished fold, the protocol and the departures."""
+    n_folds = json.loads((runs_dir / "protocol.json").read_text())["folds"] if (runs_dir / "protocol.json").exists() \
+        else None
+    rows = [r for r in (row_result(row, runs_dir / row.run, n_folds) for row in ROWS) if r is not None]
+    return {"benchmark": "the study's Table 2 / Figures 3-4 on real scans (bench/study_table)",
+            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "protocol_text": protocol_text(runs_dir),
+            "protocol": json.loads((runs_dir / "protocol.json").read_text()) if n_folds else None,
+            "machine": {"platform": platform.platform(), "processor": platform.processor()},
+            "metrics": "femur_core.metrics.evaluate on each subject's original grid, both femurs as one label, "
+                       "threshold from the fold model's early-stopping subjects; mean +- sd over subjects; "
+                       "ROC AUC / AP: mean +- sd over folds",
+            "runs": {r.name: {"flags": list(r.flags), "departs_from_study": r.departs} for r in RUNS},
+            "rows": rows}
+
+
+def markdown(table: dict) -> str:
+    """The table in Markdown, the study's numbers beside ours."""
+    def ms(v, d=3):
+        return "-" if v is None or not np.isfinite(v[0]) else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
+
+    head = ("| row | DSC study | DSC ours | precision study | precision ours | recall study | recall ours | "
+            "ROC AUC | AP | HD95 mm | ASSD mm | train CPU-min / fold | epochs | folds |")
+    lines = [head, "|" + "---|" * 14]
+    for r in table["rows"]:
+        st = r.get("study", {})
+        lines.append(
+            f"| {r['label']} | {ms(st.get('dsc'))} | {ms(r['dsc'])} | {ms(st.get('precision'))} | "
+            f"{ms(r['precision'])} | {ms(st.get('recall'))} | {ms(r['recall'])} | {ms(r['roc_auc'], 4)} | "
+            f"{ms(r['average_precision'], 3)} | {ms(r['hd95_mm'], 1)} | {ms(r['assd_mm'], 2)} | "
+            f"{', '.join(f'{m:.2f}' for m in r['train_cpu_minutes'])} | {', '.join(map(str, r['epochs']))} | "
+            f"{r['folds_done']}/{r['folds']} |")
+    return "\n".join(lines)
+
+
+def write_all(runs_dir: Path, results: Path, figures: Path) -> dict:
+    """Build the table, write its JSON and both figures, print it."""
+    table = build(runs_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"study-table-{table['date'][:10]}.json"
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    f3, f4 = figure3(figures, runs_dir, table), figure4(figures, table)
+    print(table["protocol_text"])
+    print(markdown(table))
+    print(f"written: {path}" + "".join(f", {p}" for p in (f3, f4) if p))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs_dir", type=Path)
+    ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "results")
+    ap.add_argument("--figures", type=Path, default=Path(__file__).resolve().parents[2] / "docs")
+    args = ap.parse_args(argv)
+    write_all(args.runs_dir, args.results, args.figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
