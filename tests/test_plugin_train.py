@@ -14,6 +14,7 @@ nib = gui_import("nibabel")
 
 from nibabel import orientations as nio  # noqa: E402
 
+import napari_femur._train_job as tj  # noqa: E402
 import napari_femur._train_widget as tw  # noqa: E402
 from femur_core.checkpoint import load_checkpoint  # noqa: E402
 from napari_femur._segment_widget import SegmentFemurWidget  # noqa: E402
@@ -59,12 +60,13 @@ def test_train_cancel_within_a_step_resume_and_hand_over(
     viewer.window.add_dock_widget(widget)
     run_dir = tmp_path / "run"
     _tiny_settings(widget, tiny_data_folder, run_dir)
+    widget.separate_process = False  # the gate below lives in this process (the default child: next test)
     assert "python -m femur_core.cv" in widget.command.text() and "--fold 0" in widget.command.text()
 
     # Gate the core's progress callback: after the first training step the core thread waits
     # until the test has pressed Cancel, so "stops before the next step" is checked exactly.
     first_step, gate = threading.Event(), threading.Event()
-    real_iter = tw.iter_progress
+    real_iter = tj.iter_progress
 
     def gated_iter(fn, *args, cancel=None, **kwargs):
         def gated_fn(*a, progress, **kw):
@@ -76,7 +78,7 @@ def test_train_cancel_within_a_step_resume_and_hand_over(
             return fn(*a, progress=callback, **kw)
         return real_iter(gated_fn, *args, cancel=cancel, **kwargs)
 
-    monkeypatch.setattr(tw, "iter_progress", gated_iter)
+    monkeypatch.setattr(tj, "iter_progress", gated_iter)
     events = []
     widget.progressed.connect(events.append)
     assert widget.start() is not None
@@ -104,7 +106,7 @@ def test_train_cancel_within_a_step_resume_and_hand_over(
     assert "Resume" in widget.status.text()
 
     # Resume: continues at epoch 1, step 2, finishes, registers the model
-    monkeypatch.setattr(tw, "iter_progress", real_iter)
+    monkeypatch.setattr(tj, "iter_progress", real_iter)
     events.clear()
     with qtbot.waitSignal(widget.trained, timeout=TIMEOUT_MS) as blocker:
         widget.resume_button.click()
@@ -136,6 +138,66 @@ def test_train_cancel_within_a_step_resume_and_hand_over(
     assert mask_layer.data.shape == image.data.shape
     assert np.allclose(mask_layer.affine.affine_matrix, image.affine.affine_matrix)
     qtbot.waitUntil(lambda: segment.worker is None, timeout=TIMEOUT_MS)
+
+
+def test_training_runs_in_another_process_cancel_and_resume(make_napari_viewer, qtbot, tiny_data_folder, tmp_path,
+                                                             monkeypatch):
+    """The default: training in a child process (the viewer's process only relays its events). Cancel
+    reaches the child, which saves a resumable last.pt at the last step the panel was told of; Resume
+    continues from there in a new child and hands the model over."""
+    import multiprocessing
+
+    import femur_core.cv
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("trained in the viewer's process")
+
+    monkeypatch.setattr(femur_core.cv, "run_fold", not_here)  # the child imports its own, unpatched
+    viewer = make_napari_viewer()
+    widget = TrainFoldWidget(viewer)
+    run_dir = tmp_path / "run"
+    _tiny_settings(widget, tiny_data_folder, run_dir)
+    widget.epochs.setValue(3)
+    widget.patience.setValue(3)
+    assert widget.separate_process
+    events = []
+
+    def on_event(ev):
+        events.append(ev)
+        if ev.stage == "train" and widget._cancel is not None and not widget._cancel.cancelled:
+            widget.cancel_button.click()  # at the first step the GUI hears of
+
+    widget.progressed.connect(on_event)
+    assert widget.start() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    assert "Cancelled" in widget.status.text(), widget.status.text()
+    train_events = [e for e in events if e.stage == "train"]
+    assert train_events
+    fold_dir = run_dir / "fold0"
+    state = load_checkpoint(fold_dir / "last.pt")
+    last = train_events[-1]
+    # every step the child took was reported before it stopped (the pipe keeps their order)
+    assert (int(state["epoch"]) + 1, int(state["step"])) == (last.epoch, last.step) or (
+        (int(state["epoch"]), int(state["step"])) == (last.epoch, 0))
+    assert not (fold_dir / "result.json").exists() and widget.resume_button.isEnabled()
+    assert len(session_models()) == 0
+
+    events.clear()
+    widget.progressed.disconnect(on_event)
+    widget.progressed.connect(events.append)
+    with qtbot.waitSignal(widget.trained, timeout=TIMEOUT_MS):
+        widget.resume_button.click()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
+    first = next(e for e in events if e.stage == "train")
+    done_steps = int(state["step"])
+    if done_steps < first.total:
+        assert (first.epoch, first.step) == (int(state["epoch"]) + 1, done_steps + 1), "resumed where it stopped"
+    else:
+        assert (first.epoch, first.step) == (int(state["epoch"]) + 2, 1)
+    assert [h["epoch"] for h in widget.last_outcome.history] == [1, 2, 3]
+    assert (fold_dir / "result.json").exists() and widget.last_outcome.test_dsc is not None
+    assert widget.plot.epochs == [1, 2, 3]
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("femur-")], "the child is gone"
 
 
 def test_train_errors_are_messages(make_napari_viewer, tmp_path):
@@ -208,6 +270,7 @@ def test_train_on_open_layers_adds_them_to_training(make_napari_viewer, qtbot, t
     mask.data[0, 0, 0] = 1  # an edit made in napari: the pair trains on the layer, not on the file
     widget = TrainFoldWidget(viewer)
     _tiny_settings(widget, tiny_data_folder, tmp_path / "run")
+    widget.separate_process = False  # the spy above lives in this process
     widget.epochs.setValue(1)
     widget.use_layers.setChecked(True)
     widget.pair_image.set_layer(image)

@@ -27,6 +27,9 @@ class InputError(FemurError, ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):  # picklable with its own arguments (errors cross process boundaries)
+        return type(self), (self.path, self.problem), self.__dict__
+
 
 class OutputExistsError(FemurError, FileExistsError):
     """An output exists and overwriting was not asked for."""
@@ -34,6 +37,9 @@ class OutputExistsError(FemurError, FileExistsError):
     def __init__(self, path: "str | os.PathLike"):
         self.path = os.fspath(path)
         super().__init__(f"{self.path}: exists; pass overwrite=True (--overwrite) to replace it")
+
+    def __reduce__(self):
+        return type(self), (self.path,), self.__dict__
 
 
 class ModelFileError(FemurError):
