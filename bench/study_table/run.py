@@ -44,10 +44,43 @@ def fold_command(run, data: Path, out: Path, folds: int, fold_seed: int, k: int,
 
 
 def _tasks(runs, out: Path, folds: int) -> list[tuple]:
-    return [(r, k) for r in runs for k in range(folds) if not (out / r.name / f"fold{k}" / "result.json").exists()]
+    """The unfinished folds, fold-major: every run's fold 0 before any fold 1, so that a run cut
+    short by a deadline still leaves every row scored on the same subjects."""
+    return [(r, k) for k in range(folds) for r in runs if not (out / r.name / f"fold{k}" / "result.json").exists()]
 
 
-def _start(task, args) -> subprocess.Popen:
+def _alive_pid(run, k: int, out: Path) -> int | None:
+    """The process id of a fold already being trained by another invocation, or None."""
+    pid_file = out / run.name / f"fold{k}.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+class _Running:
+    """A fold process: ours (a Popen) or another invocation's (its pid, waited for)."""
+
+    def __init__(self, proc: subprocess.Popen | None = None, pid: int | None = None) -> None:
+        self.proc, self.pid = proc, pid
+
+    def poll(self) -> int | None:
+        if self.proc is not None:
+            return self.proc.poll()
+        try:
+            os.kill(self.pid, 0)
+        except OSError:
+            return 0
+        return None
+
+    @property
+    def returncode(self) -> int:
+        return self.proc.returncode if self.proc is not None else 0
+
+
+def _start(task, args) -> _Running:
     run, k = task
     log = args.out / run.name / f"fold{k}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +90,9 @@ def _start(task, args) -> subprocess.Popen:
     with log.open("a") as fh:
         fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         fh.flush()
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    (args.out / run.name / f"fold{k}.pid").write_text(str(proc.pid))
+    return _Running(proc)
 
 
 def run_all(args) -> list[str]:
@@ -65,7 +100,13 @@ def run_all(args) -> list[str]:
     runs = [run_by_name(n) for n in args.runs.split(",")] if args.runs else RUNS
     todo = _tasks(runs, args.out, args.folds)
     print(f"{len(todo)} fold(s) to run: " + ", ".join(f"{r.name}/fold{k}" for r, k in todo), flush=True)
-    running: list[tuple[tuple, subprocess.Popen, float]] = []
+    running: list[tuple[tuple, _Running, float]] = []
+    for task in list(todo):  # folds another invocation is training: wait for them, in a job slot
+        pid = _alive_pid(*task, args.out)
+        if pid is not None:
+            todo.remove(task)
+            running.append((task, _Running(pid=pid), time.monotonic()))
+            print(f"{task[0].name} fold {task[1]}: already running (pid {pid}), waiting for it", flush=True)
     failed = []
     while todo or running:
         while todo and len(running) < args.jobs:
