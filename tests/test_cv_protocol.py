@@ -222,3 +222,25 @@ def test_cv_scores_the_same_probabilities_with_and_without_the_cleanup(tmp_path)
     setup.config = _cfg().replace(cleanup=False)
     _, none = cv._score(setup, {"sub01": pred}, ["sub01"], 0.5, write_predictions=False)
     assert none is None
+
+
+def test_a_run_folder_from_before_a_new_training_setting_still_resumes(tmp_path):
+    # bug caught: adding a TrainConfig field (at its default) made every earlier run folder
+    # "another run" (settings differ), so an interrupted CV could never be resumed; a real
+    # difference must still be refused
+    from femur_core.errors import InputError
+    from femur_core.training import _with_defaults
+
+    image, mask = tiny_subject_arrays(1)
+    subjects = [Subject(f"s{i}", Volume(image.astype(np.float32), LIP_AFFINE), Volume(mask, LIP_AFFINE))
+                for i in range(4)]
+    cv.setup_run(tmp_path, subjects, _cfg(), 2)
+    cfg_file = tmp_path / "config.json"
+    saved = json.loads(cfg_file.read_text())
+    for key in ("budget_clock", "patches_per_volume"):
+        del saved["train"][key]
+    cfg_file.write_text(json.dumps(saved))
+    cv.setup_run(tmp_path, subjects, _cfg(), 2)  # resumes
+    assert _with_defaults(saved["train"]) == _cfg().to_dict()
+    with pytest.raises(InputError, match="settings differ"):
+        cv.setup_run(tmp_path, subjects, _cfg().replace(budget_clock="cpu"), 2)

@@ -134,6 +134,8 @@ def setup_run(run_dir: "str | os.PathLike", subjects: list[Subject], config: Tra
 def _check_same_settings(path: Path, settings: dict) -> None:
     old = json.loads(path.read_text())
     old = {k: old.get(k) for k in settings}
+    if isinstance(old.get("train"), dict):  # settings added since the run started: at their defaults
+        old["train"] = TrainConfig.from_dict(old["train"]).to_dict()
     if json.loads(json.dumps(old)) != json.loads(json.dumps(settings)):
         raise InputError(path, "this run folder holds another run (settings differ); "
                                "use a new --out folder (run folders never mix two runs)")

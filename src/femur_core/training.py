@@ -609,7 +609,7 @@ class TrainState:
     def restore(cls, path: Path, net, opt, cfg_dict: dict, world: int = 1) -> "TrainState":
         """Load ``last.pt`` into ``net`` and ``opt``; refuses one written with other settings."""
         payload = load_checkpoint(path)
-        if payload["config"] != cfg_dict:
+        if _with_defaults(payload["config"]) != cfg_dict:
             raise InputError(path, "an earlier run with different settings is in this folder; "
                                    "choose another output folder or delete it")
         load_weights_into(net, payload, path)
@@ -624,6 +624,14 @@ class TrainState:
 
 #: The clocks a training budget may count (``TrainConfig.budget_clock``).
 BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
+
+
+def _with_defaults(cfg_dict: dict) -> dict:
+    """A saved configuration with the fields added since it was written at their defaults (a run
+    started before a new setting existed still resumes; one with other values is still refused)."""
+    if not isinstance(cfg_dict, dict):
+        return cfg_dict
+    return TrainConfig.from_dict(cfg_dict).to_dict()
 
 
 class _Clock:
