@@ -100,7 +100,7 @@ def test_3d_batches_of_volumes_of_different_sizes_are_crops_of_one_size(cohort):
     slices of different sizes too (padded to the largest); batch 1 or one shape: as before."""
     from femur_core.training import _batch_patch_size, _batch_slice_size, prepare_subjects
 
-    cfg = _tiny("cpu-2d", "3d-aniso")
+    cfg = _tiny("cpu-2d", "3d-aniso").replace(patch_size=None)
     preps = prepare_subjects(cohort, cfg.grid)
     assert len({p.image.shape for p in preps}) > 1
     size = _batch_patch_size(preps, cfg, 4)
@@ -108,6 +108,8 @@ def test_3d_batches_of_volumes_of_different_sizes_are_crops_of_one_size(cohort):
     assert _batch_patch_size(preps, cfg, 1) is None  # one sample per step: whole volumes
     assert _batch_patch_size(preps[:1] * 3, cfg, 4) is None  # one shape: whole volumes
     assert _batch_patch_size(preps, cfg.replace(patch_size=[4, 8, 100]), 4) == [4, 8, size[2]]
+    # an in-plane (Y, X) patch (the 2D recipe's) given to a 3D network keeps every slice
+    assert _batch_patch_size(preps, cfg.replace(patch_size=[8, 100]), 4) == [size[0], 8, size[2]]
     # 2D: slices of a batch are padded (or tiled) as for the largest slice
     assert _batch_slice_size(preps, 4) == (max(p.image.shape[1] for p in preps),
                                            max(p.image.shape[2] for p in preps))

@@ -92,7 +92,9 @@ class TrainConfig:
         2D: slices without femur drawn per epoch, relative to slices with femur.
     patch_size : list of int or None
         Random training patches instead of whole slices / volumes: (Y, X) for a
-        padded 2D U-Net, (Z, Y, X) for 3D. With
+        padded 2D U-Net, (Z, Y, X) for 3D (a 3D network given (Y, X) crops
+        in-plane and keeps every slice); the valid 2D U-Net of the study
+        trains on its mirrored tiles and ignores it. With
         more than one sample per batch, volumes of different shapes are cut to
         random crops of their element-wise smallest shape (so that a batch
         stacks).
@@ -182,7 +184,7 @@ RECIPES: dict[str, TrainConfig] = {
     "study-2d": _study("2d", 64, 3),
     "cpu-2d": TrainConfig(
         model=default_config("2d-same", features=24, levels=5),
-        grid=GridSpec(in_plane_spacing=1.8),
+        grid=GridSpec(in_plane_spacing=1.8), patch_size=[128, 128],
         loss="dice_ce", lr=2e-3, lr_schedule="poly", batch_size=4, max_epochs=400, min_epochs=20,
         patience=20, max_minutes=25.0, augment=["flip", "intensity", "affine"], bg_slice_ratio=0.5,
         weight_decay=1e-5, aux_labels=True, ensemble=3,
@@ -342,6 +344,13 @@ def _crop_2d(x: np.ndarray, y: np.ndarray, patch: list[int], rng) -> tuple[np.nd
     return x[:, sy:sy + ph, sx:sx + pw], y[sy:sy + ph, sx:sx + pw]
 
 
+def _patch_3d(patch: list[int] | None) -> list[int] | None:
+    """A 3D patch size: (Z, Y, X) as given; an in-plane (Y, X) patch (a 2D recipe's) keeps every slice."""
+    if patch and len(patch) == 2:
+        return [1 << 30, int(patch[0]), int(patch[1])]
+    return patch
+
+
 def _batch_patch_size(preps: list[Prepared], cfg: TrainConfig, batch: int) -> list[int] | None:
     """3D: the patch size that makes the samples of one batch stackable.
 
@@ -352,11 +361,12 @@ def _batch_patch_size(preps: list[Prepared], cfg: TrainConfig, batch: int) -> li
     or volumes that all have one shape.
     """
     shapes = [p.image.shape for p in preps]
+    patch = _patch_3d(cfg.patch_size)
     if batch <= 1:
-        return cfg.patch_size
+        return patch
     size = [min(d) for d in zip(*shapes)]
-    if cfg.patch_size:
-        size = [min(a, b) for a, b in zip(cfg.patch_size, size)]
+    if patch:
+        size = [min(a, b) for a, b in zip(patch, size)]
     elif all(s == shapes[0] for s in shapes):
         return None
     return size
