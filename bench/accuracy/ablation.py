@@ -11,6 +11,11 @@ usual cleanup; the subjects are then scored the same way.
         --run base=runs/cv-base --run aug=runs/cv-aug --run 5sl=runs/cv-5sl \\
         --ensemble base+aug+5sl --ensemble base+aug [--baseline base] [--out bench/results]
 
+``--threshold 0.5`` scores every row, single runs too, at one common threshold instead: the
+thresholds the CV picks on its 2-3 early-stopping subjects per fold are noisy (they moved a
+row's mean DSC by up to 0.01), and a comparison of probabilities should not carry that noise.
+Rows whose runs lack some folds are scored on the folds they have (paired gains then omitted).
+
 Prints the table (mean +- sd over subjects of DSC, precision, recall, HD95, ASSD; lowest subject;
 subjects below 0.90; epochs and minutes per fold; paired difference against the baseline row)
 and writes it as JSON.
@@ -39,18 +44,34 @@ def _run_rows(run: Path) -> tuple[dict[str, dict], list[dict]]:
     return rows, folds
 
 
-def _ensemble_rows(runs: list[Path], subjects: dict, flip_tta: bool = True) -> tuple[dict[str, dict], dict]:
+def _ensemble_rows(runs: list[Path], subjects: dict, flip_tta: bool = True, threshold: float | None = None,
+                   cache: dict | None = None) -> tuple[dict[str, dict], dict]:
+    """Average the runs' fold models on each fold's held-out subjects and score them.
+
+    ``threshold`` None: the mean of the members' own thresholds; a number: that one for every
+    fold (rows then differ in their probabilities only). Folds that some run lacks (a run
+    stopped early) are left out. ``cache`` keeps each (run, fold, subject) probability map.
+    """
     splits = [json.loads((r / "splits.json").read_text())["folds"] for r in runs]
     if any(s != splits[0] for s in splits):
         raise SystemExit(f"runs {', '.join(map(str, runs))} do not share their folds (use the same --fold-seed)")
+    cache = {} if cache is None else cache
     rows, info = {}, {"thresholds": []}
     for k, test_ids in enumerate(splits[0]):
-        models = [load_model(r / f"fold{k}" / "model.pt") for r in runs]
-        thr = float(np.mean([m.threshold for m in models]))
+        files = [r / f"fold{k}" / "model.pt" for r in runs]
+        if not all(f.exists() for f in files):
+            continue
+        models = [load_model(f) for f in files]
+        thr = float(np.mean([m.threshold for m in models])) if threshold is None else float(threshold)
         info["thresholds"].append(thr)
         for sid in test_ids:
             s = subjects[sid]
-            probs = [predict_volume(m, s.image, flip_tta=flip_tta, cleanup=True).prob for m in models]
+            probs = []
+            for f, m in zip(files, models):
+                key = (str(f), sid, flip_tta)
+                if key not in cache:
+                    cache[key] = predict_volume(m, s.image, flip_tta=flip_tta, cleanup=True).prob
+                probs.append(cache[key])
             mean = probs[0].with_data(np.mean([p.data for p in probs], axis=0).astype(np.float32))
             pred = Prediction.from_probability(mean, s.image, threshold=thr, cleanup=True)
             m = evaluate(pred.mask.data > 0, s.mask.data > 0, s.image.spacing)
@@ -67,7 +88,7 @@ def _summary(rows: dict[str, dict], base: dict[str, dict] | None) -> dict:
     d = np.array([rows[i]["dsc"] for i in ids])
     out["lowest"] = [ids[int(np.argmin(d))], float(d.min())]
     out["below_0.90"] = int((d < 0.90).sum())
-    if base is not None:
+    if base is not None and set(ids) <= set(base):
         diff = np.array([rows[i]["dsc"] - base[i]["dsc"] for i in ids])
         out["paired_dsc_gain"] = [float(diff.mean()), float(diff.std(ddof=1))]
         out["better_subjects"] = int((diff > 0).sum())
@@ -80,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR")
     ap.add_argument("--ensemble", action="append", default=[], metavar="NAME+NAME...")
     ap.add_argument("--baseline", help="row the paired differences refer to (default: the first run)")
+    ap.add_argument("--threshold", type=float, help="score every row, single runs too, at this one threshold "
+                    "(re-predicted; without it a run is scored as its CV scored it, at its own thresholds)")
     ap.add_argument("--note", default="", help="protocol note stored with the results")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
     args = ap.parse_args(argv)
@@ -91,8 +114,11 @@ def main(argv=None) -> int:
         return 0
     subjects = {s.id: s for s in load_subjects(find_subjects(args.data))}
     table, details = {}, {}
+    cache: dict = {}
     for name, d in runs.items():
         rows, folds = _run_rows(Path(d))
+        if args.threshold is not None:
+            rows, _ = _ensemble_rows([Path(d)], subjects, threshold=args.threshold, cache=cache)
         table[name] = rows
         details[name] = {"run": str(d), "epochs_per_fold": [f["epochs"] for f in folds],
                          "train_minutes_per_fold": [round(f["train_minutes"], 2) for f in folds],
@@ -101,12 +127,13 @@ def main(argv=None) -> int:
     for spec in args.ensemble:
         names = spec.split("+")
         t0 = time.perf_counter()
-        rows, info = _ensemble_rows([Path(runs[n]) for n in names], subjects)
+        rows, info = _ensemble_rows([Path(runs[n]) for n in names], subjects, threshold=args.threshold, cache=cache)
         table[f"ensemble({spec})"] = rows
         details[f"ensemble({spec})"] = {**info, "members": names, "score_seconds": time.perf_counter() - t0}
     base_name = args.baseline or next(iter(runs))
     summary = {name: _summary(rows, None if name == base_name else table[base_name]) for name, rows in table.items()}
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "note": args.note, "baseline": base_name,
+           "threshold": args.threshold if args.threshold is not None else "each run's own",
            "summary": summary, "details": details, "per_subject": table}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"ablation-accuracy-{time.strftime('%Y%m%d-%H%M')}.json"
