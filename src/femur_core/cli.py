@@ -181,6 +181,8 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--ensemble", type=int, help="member networks: 1 = one network on an inner split; k > 1 = one "
                                                 "per fold of a k-fold split, probabilities averaged, threshold "
                                                 "on out-of-fold predictions")
+    g.add_argument("--keep-weights", choices=["best", "last"],
+                   help="the model is the epoch with the best validation DSC, or the final epoch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -196,7 +198,8 @@ def config_from_args(args: argparse.Namespace, default_recipe: str):
 _PLAIN_FLAGS = {"loss": "loss", "lr": "lr", "lr_schedule": "lr_schedule", "epochs": "max_epochs",
                 "min_epochs": "min_epochs", "patience": "patience", "batch_size": "batch_size",
                 "seed": "seed", "device": "device", "precision": "precision", "ensemble": "ensemble",
-                "budget_clock": "budget_clock", "patches_per_volume": "patches_per_volume"}
+                "budget_clock": "budget_clock", "patches_per_volume": "patches_per_volume",
+                "keep_weights": "keep_weights"}
 _GRID_FLAGS = ("in_plane_spacing", "in_plane_size", "central_slices")
 #: Flags that :func:`args_from_config` always writes, so a printed command reads complete.
 ALWAYS_WRITTEN = ("model", "features", "levels", "epochs", "patience", "budget_minutes", "seed", "device")

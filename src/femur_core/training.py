@@ -108,6 +108,11 @@ class TrainConfig:
         Reproducibility and hardware (``auto`` picks cuda / mps / cpu and bf16 where fast).
     flip_tta, cleanup
         Inference defaults stored with the model.
+    keep_weights : str
+        The weights a run keeps as its model (``best.pt``): ``"best"``, those of
+        the epoch with the best validation DSC, or ``"last"``, those of the final
+        epoch (nnU-Net's choice: with a poly schedule the rate is near zero at the
+        end, and a best epoch picked on a few subjects is noisy).
     ensemble : int
         Member networks (:func:`femur_core.ensemble.fit`): 1 trains one network
         on an inner split; ``k > 1`` trains one per fold of a ``k``-fold split of
@@ -150,6 +155,7 @@ class TrainConfig:
     cleanup: bool = True
     aux_labels: bool = False
     ensemble: int = 1
+    keep_weights: str = "best"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -187,7 +193,7 @@ RECIPES: dict[str, TrainConfig] = {
         grid=GridSpec(in_plane_spacing=1.8), patch_size=[128, 128],
         loss="dice_ce", lr=2e-3, lr_schedule="poly", batch_size=4, max_epochs=400, min_epochs=20,
         patience=20, max_minutes=25.0, augment=["flip", "intensity", "affine"], bg_slice_ratio=0.5,
-        weight_decay=1e-5, aux_labels=True, ensemble=3,
+        weight_decay=1e-5, aux_labels=True, ensemble=3, keep_weights="last",
     ),
     "synthetic-quick": TrainConfig(
         model=default_config("2d-same", features=16, levels=4),
@@ -869,9 +875,13 @@ def _train_loop(run: _Run, state: TrainState, source: BatchSource, val_p: list[P
 
 
 def _finish(run: _Run, state: TrainState, val_p: list[Prepared]) -> float:
-    """Reload the best weights, calibrate the threshold on the early-stopping subjects, store it in ``best.pt``."""
+    """Reload the kept weights (``keep_weights``), calibrate the threshold on the early-stopping subjects,
+    store it in ``best.pt``."""
     thr = 0.5
     if run.is_main:  # under torchrun rank 0 alone writes; the others wait
+        if run.config.keep_weights == "last" and state.history:  # the final weights are the model
+            save_checkpoint(run.best_path, run.net, run.cfg_dict, epoch=state.epoch,
+                            val_dsc=float(state.history[-1]["val_dsc"]))
         if not run.best_path.exists():  # zero epochs ran (budget 0): keep the current weights
             save_checkpoint(run.best_path, run.net, run.cfg_dict, epoch=state.epoch, val_dsc=float("nan"))
         best = load_checkpoint(run.best_path)
