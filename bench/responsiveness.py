@@ -3,7 +3,8 @@
 A real viewer (virtual X server: bench/run_responsiveness.sh) opens a synthetic scan, docks Train
 Fold and trains fold 0 of a small synthetic cohort for about a minute (``--minutes``): in a child
 process relayed by a thread worker (the panel's default), or with ``--in-thread`` in the worker
-thread itself (how the panel trained before). Meanwhile a 10 ms QTimer in the GUI thread records when it actually fires; a
+thread itself (how the panel trained before); ``--baseline`` runs the viewer and the timer without
+training (the stalls the machine's load causes alone). Meanwhile a 10 ms QTimer in the GUI thread records when it actually fires; a
 *stall* is the time the event loop could not answer beyond that period (the gap between two
 ticks minus 10 ms). Progress events keep arriving and the loss plot keeps redrawing in the GUI
 thread, so the measurement covers what the user sees. Goal: longest stall <= 100 ms.
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=1.0, help="training time budget (default 1)")
     ap.add_argument("--in-thread", action="store_true",
                     help="train in the worker thread of the viewer's process (default: in a child process)")
+    ap.add_argument("--baseline", action="store_true",
+                    help="no training: the same viewer and timer for --minutes (the machine's own stalls)")
     args = ap.parse_args(argv)
 
     import napari
@@ -78,13 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     timer.start()
-    worker = widget.start()
-    if worker is None:
-        print(f"training did not start: {widget.status.text()}", file=sys.stderr)
-        return 1
-    while widget.worker is not None:
-        app.processEvents()
-        time.sleep(0.001)
+    if args.baseline:  # no training: what the machine's load alone does to the event loop
+        while time.perf_counter() - t0 < args.minutes * 60:
+            app.processEvents()
+            time.sleep(0.001)
+    else:
+        worker = widget.start()
+        if worker is None:
+            print(f"training did not start: {widget.status.text()}", file=sys.stderr)
+            return 1
+        while widget.worker is not None:
+            app.processEvents()
+            time.sleep(0.001)
     timer.stop()
     wall = time.perf_counter() - t0
     gaps = np.diff(np.asarray(ticks)) * 1000.0
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "training_wall_s": round(wall, 1),
         "budget_minutes": args.minutes,
-        "training_in": "worker thread" if args.in_thread else "child process",
+        "training_in": "none (baseline)" if args.baseline else "worker thread" if args.in_thread else "child process",
         "ticks": int(len(ticks)),
         "progress_events": n_events[0],
         "training_steps": counts["train"],
@@ -106,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "status": widget.status.text(),
     }
-    print(f"training {wall:.0f} s in the {res['training_in']} ({n_events[0]} progress events); GUI timer every {TICK_MS} ms: "
+    what = "no training" if args.baseline else f"training in the {res['training_in']}"
+    print(f"{what}, {wall:.0f} s ({n_events[0]} progress events); GUI timer every {TICK_MS} ms: "
           f"longest stall {res['longest_stall_ms']} ms, 99th percentile {res['p99_stall_ms']} ms, "
           f"{res['stalls_over_100ms']} stalls over {GOAL_MS:.0f} ms (goal: none); "
           f"load average {res['loadavg_1min_before_after'][0]} -> {res['loadavg_1min_before_after'][1]} "
