@@ -111,7 +111,7 @@ def test_3d_sliding_window_blends_windows_with_gaussian_weights(monkeypatch):
     """Windows overlap by half and are blended with Gaussian weights, so a voxel near one window's edge
     takes its value from the window in whose centre it lies: the edge artefacts vanish. With flat weights
     (a plain average of the overlapping windows) they do not, which the end of the test shows."""
-    from femur_core import inference
+    from femur_core import tiling
 
     cfg = default_config("3d", features=4, levels=2)
     vol = np.random.default_rng(0).normal(size=(8, 40, 40)).astype(np.float32)
@@ -126,7 +126,7 @@ def test_3d_sliding_window_blends_windows_with_gaussian_weights(monkeypatch):
     assert np.abs(windows[inner] - truth[inner]).max() < 0.02
     # the same windows averaged with flat weights: the artefacts stay (error ~ p / 3 where one of
     # three overlapping windows has its edge)
-    monkeypatch.setattr(inference, "_gaussian_weights", lambda shape, *a, **k: np.ones(shape, np.float32))
+    monkeypatch.setattr(tiling, "gaussian_weights", lambda shape, *a, **k: np.ones(shape, np.float32))
     flat = predict_array(_EdgeArtefactNet(), cfg, vol, max_voxels=8 * 24 * 24)
     assert np.abs(flat[inner] - truth[inner]).max() > 0.1
     # a real 3D U-Net (padded convolutions) gives nearly the same map whole and in windows

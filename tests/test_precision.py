@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from femur_core import inference
-from femur_core.inference import resolve_amp
+from femur_core import runtime
+from femur_core.runtime import resolve_amp
 
 CPU = torch.device("cpu")
 
@@ -14,9 +14,9 @@ def test_explicit_precision_wins():
 
 
 def test_3d_training_follows_the_measurement(monkeypatch):
-    monkeypatch.setattr(inference, "cpu_bf16_conv3d_training_is_faster", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_conv3d_training_is_faster", lambda: True)
     assert resolve_amp("auto", CPU, train_kind="3d") is torch.bfloat16
-    monkeypatch.setattr(inference, "cpu_bf16_conv3d_training_is_faster", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_bf16_conv3d_training_is_faster", lambda: False)
     assert resolve_amp("auto", CPU, train_kind="3d") is None
 
 
@@ -38,17 +38,17 @@ class _ScriptedClock:
 def measure(monkeypatch):
     """Run ``cpu_bf16_conv3d_training_is_faster`` on a scripted clock (no real timing), on a CPU said
     to have fast bf16 instructions, with a no-op in place of the 32-channel Conv3d."""
-    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "_cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(torch.nn, "Conv3d", lambda *a, **k: torch.nn.Identity())
 
     def run(bf16, fp32):
         clock = _ScriptedClock(list(bf16) + list(fp32))  # bf16 is measured first, three iterations each
-        monkeypatch.setattr(inference, "time", clock)
-        inference.cpu_bf16_conv3d_training_is_faster.cache_clear()
-        return inference.cpu_bf16_conv3d_training_is_faster(), clock
+        monkeypatch.setattr(runtime, "time", clock)
+        runtime.cpu_bf16_conv3d_training_is_faster.cache_clear()
+        return runtime.cpu_bf16_conv3d_training_is_faster(), clock
 
     yield run
-    inference.cpu_bf16_conv3d_training_is_faster.cache_clear()  # no scripted answer left in the cache
+    runtime.cpu_bf16_conv3d_training_is_faster.cache_clear()  # no scripted answer left in the cache
 
 
 def test_measurement_picks_bf16_only_when_clearly_faster(measure):
@@ -64,21 +64,21 @@ def test_measurement_picks_bf16_only_when_clearly_faster(measure):
 def test_measurement_is_cached_per_process(measure):
     first, clock = measure([1.0] * 3, [2.0] * 3)
     assert first is True and clock.calls == 12  # 2 precisions x 3 iterations x (start, end)
-    assert inference.cpu_bf16_conv3d_training_is_faster() is True
+    assert runtime.cpu_bf16_conv3d_training_is_faster() is True
     assert clock.calls == 12  # the second call measured nothing
 
 
 def test_no_fast_bf16_instructions_means_fp32_without_measuring(monkeypatch):
-    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "_cpu_has_fast_bf16", lambda: False)
     clock = _ScriptedClock([])
-    monkeypatch.setattr(inference, "time", clock)
-    inference.cpu_bf16_conv3d_training_is_faster.cache_clear()
+    monkeypatch.setattr(runtime, "time", clock)
+    runtime.cpu_bf16_conv3d_training_is_faster.cache_clear()
     try:
-        assert inference.cpu_bf16_conv3d_training_is_faster() is False
+        assert runtime.cpu_bf16_conv3d_training_is_faster() is False
         assert clock.calls == 0
         assert resolve_amp("auto", CPU, train_kind="3d") is None
     finally:
-        inference.cpu_bf16_conv3d_training_is_faster.cache_clear()
+        runtime.cpu_bf16_conv3d_training_is_faster.cache_clear()
 
 
 def test_3d_early_stopping_predictions_follow_the_inference_policy(monkeypatch, tmp_path):
@@ -88,8 +88,8 @@ def test_3d_early_stopping_predictions_follow_the_inference_policy(monkeypatch, 
     from femur_core.models import default_config
     from femur_core.training import TrainConfig, _build_run
 
-    monkeypatch.setattr(inference, "_cpu_has_fast_bf16", lambda: True)
-    monkeypatch.setattr(inference, "cpu_bf16_conv3d_training_is_faster", lambda: False)
+    monkeypatch.setattr(runtime, "_cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_bf16_conv3d_training_is_faster", lambda: False)
     cfg = TrainConfig(model=default_config("3d", features=4, levels=2), device="cpu")
     run = _build_run(cfg, tmp_path, None, None, None)
     assert run.amp is None and run.val_amp is torch.bfloat16

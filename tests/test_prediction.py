@@ -75,16 +75,17 @@ def test_inference_defaults_stored_with_the_model_apply_unless_overridden(tmp_pa
     seen = []
     real = inference.predict_array
 
-    def spy(*a, flip_tta=False, **kw):
-        seen.append(flip_tta)
-        return real(*a, flip_tta=flip_tta, **kw)
+    def spy(net, mc, x, **kw):  # the network's inputs: the scan, and with flip averaging its mirror
+        seen.append(x)
+        return real(net, mc, x, **kw)
 
     monkeypatch.setattr(inference, "predict_array", spy)
     image = read_volume(tiny_scan_pair[0])
     pred = predict_volume(model, image, device="cpu", precision="fp32")
-    assert seen == [False] and pred.cleanup is False
+    assert len(seen) == 1 and pred.cleanup is False
+    seen.clear()
     pred = predict_volume(model, image, device="cpu", precision="fp32", flip_tta=True, cleanup=True)
-    assert seen == [False, True] and pred.cleanup is True
+    assert len(seen) == 2 and np.array_equal(seen[1], seen[0][:, :, ::-1]) and pred.cleanup is True
 
 
 def test_progress_stages_are_typed():

@@ -28,17 +28,11 @@ from itertools import combinations
 
 import numpy as np
 
+from .inference import LoadedModel, Prediction, predict_views
 from .progress import CancelToken, ProgressCallback
-from .volume import Volume
+from .volume import Volume, from_canonical
 
-__all__ = ["ViewPrediction", "predict_with_views", "view_disagreement", "scan_score", "slice_order",
-           "model_members"]
-
-
-def model_members(model) -> list:
-    """The member networks of a loaded model (one for a single network, k for an ensemble)."""
-    members = getattr(model, "members", None)
-    return list(members) if members else [model.net]
+__all__ = ["ViewPrediction", "predict_with_views", "view_disagreement", "scan_score", "slice_order"]
 
 
 def view_disagreement(views: list[np.ndarray]) -> np.ndarray:
@@ -99,7 +93,7 @@ class ViewPrediction:
         ``"member<j>"`` / ``"member<j> flipped"`` per view.
     """
 
-    prediction: object
+    prediction: Prediction
     uncertainty: Volume
     score: float
     view_names: list[str] = field(default_factory=list)
@@ -110,7 +104,7 @@ class ViewPrediction:
 
 
 def predict_with_views(
-    model,
+    model: LoadedModel,
     image: Volume,
     *,
     flip_tta: bool | None = None,
@@ -124,49 +118,18 @@ def predict_with_views(
     """Segment a scan like :func:`femur_core.inference.predict_volume`, keeping the views apart.
 
     The views are the member networks (one, or k for an ensemble) times the
-    scan and its left-right mirror (with ``flip_tta``). Their mean is the
-    probability map ``predict_volume`` returns (same order of operations, so
-    the same numbers); threshold and cleanup are the same too. ``flip_tta``
-    and ``cleanup`` default to the model's own settings, as there.
+    scan and its left-right mirror (with ``flip_tta``). Both functions run
+    :func:`femur_core.inference.predict_views`, so the mean of the views is the
+    very probability map ``predict_volume`` returns; threshold and cleanup are
+    the same too. ``flip_tta`` and ``cleanup`` default to the model's own
+    settings, as there.
     """
-    from .inference import Prediction, body_midline, predict_array, resolve_amp, resolve_device
-    from .preprocess import prepare
-    from .volume import from_canonical, to_canonical
-    from .volume_io import check_image
-
-    flip_tta = model.flip_tta if flip_tta is None else bool(flip_tta)
-    cleanup = model.cleanup if cleanup is None else bool(cleanup)
-    image = check_image(image)
-    dev = resolve_device(device)
-    amp = resolve_amp(precision, dev)
-    prep = prepare(image, model.grid)
-    x = prep.image
-    x_flip = np.ascontiguousarray(x[:, :, ::-1])
-    views, names, prob_m = [], [], None
-    for j, net in enumerate(model_members(model)):
-        kw = dict(device=dev, amp=amp, flip_tta=False, progress=progress, cancel=cancel)
-        a = predict_array(net, model.model_config, x, **kw)
-        views.append(a)
-        names.append(f"member{j}")
-        if flip_tta:
-            b = np.ascontiguousarray(predict_array(net, model.model_config, x_flip, **kw)[:, :, ::-1])
-            views.append(b)
-            names.append(f"member{j} flipped")
-            p_j = np.ascontiguousarray(0.5 * (a + b), dtype=np.float32)  # as predict_array(flip_tta=True)
-        else:
-            p_j = a
-        prob_m = p_j if prob_m is None else prob_m + p_j
-    n_members = len(views) // (2 if flip_tta else 1)
-    if n_members > 1:
-        prob_m = prob_m / n_members
-    thr = model.threshold if threshold is None else float(threshold)
-    prob_c = prep.restore_canonical(prob_m)
-    midline = body_midline(to_canonical(image)[0].data)
-    views_c = [prep.restore_canonical(v) for v in views]
-    u_c = view_disagreement(views_c)
+    flip_tta, cleanup, thr = model.options(flip_tta, cleanup, threshold)
+    run = predict_views(model, image, flip_tta=flip_tta, device=device, precision=precision, progress=progress,
+                        cancel=cancel, keep_views=True)
+    views_c = [run.prepared.restore_canonical(v) for v in run.views]
     score = scan_score(views_c, thr)
-    unc = from_canonical(u_c, prep.reorientation)
-    unc.source = image.source
-    unc.meta.update({"score": score, "views": list(names)})
-    pred = Prediction(prob_c, prep.reorientation, midline, thr, cleanup, image.source)
-    return ViewPrediction(pred, unc, score, names)
+    unc = from_canonical(view_disagreement(views_c), run.prepared.reorientation)
+    unc.source = run.image.source
+    unc.meta.update({"score": score, "views": list(run.names)})
+    return ViewPrediction(run.prediction(thr, cleanup), unc, score, list(run.names))

@@ -15,7 +15,7 @@ from torch import nn
 
 from .unet import UNet2D, UNet3D
 
-__all__ = ["ModelKind", "ModelConfig", "ModelSpec", "MODELS", "build_model", "model_names"]
+__all__ = ["ModelKind", "Sampling", "ModelConfig", "ModelSpec", "MODELS", "build_model", "model_names"]
 
 
 class ModelKind(str, Enum):
@@ -27,6 +27,23 @@ class ModelKind(str, Enum):
 
     D2 = "2d"
     D3 = "3d"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Sampling(str, Enum):
+    """How inference cuts a scan into network inputs (``femur_core.engine`` plans each).
+
+    ``TILES``: 2D slices in mirrored 3 x 3 tiles (valid convolutions: the
+    output is smaller than the input). ``SLICES``: whole 2D slices padded to
+    the network's divisor (padded convolutions). ``WINDOWS``: 3D, the whole
+    volume or Gaussian-weighted sliding windows.
+    """
+
+    TILES = "tiles"
+    SLICES = "slices"
+    WINDOWS = "windows"
 
     def __str__(self) -> str:
         return self.value
@@ -78,7 +95,9 @@ class ModelSpec:
     Attributes
     ----------
     kind : ModelKind
-        Slice-wise (2D, tiled) or volumetric inference.
+        Slice-wise (2D) or volumetric network.
+    sampling : Sampling
+        How inference feeds it a scan (tiles, slices or windows).
     build : callable
         ``build(config) -> nn.Module``.
     description : str
@@ -88,6 +107,7 @@ class ModelSpec:
     """
 
     kind: ModelKind
+    sampling: Sampling
     build: Callable[[ModelConfig], nn.Module]
     description: str
     defaults: dict = field(default_factory=dict)
@@ -99,25 +119,25 @@ def _aniso_kernels(levels: int, n_inplane_only: int) -> list[list[int]]:
 
 MODELS: dict[str, ModelSpec] = {
     "2d": ModelSpec(
-        ModelKind.D2,
+        ModelKind.D2, Sampling.TILES,
         lambda c: UNet2D(c.features, c.levels, c.in_slices, "valid", c.norm, c.n_classes),
         "2D U-Net of the study: valid convolutions, 3 slices in, mirrored 3x3 tiles",
         {"features": 64, "levels": 3},
     ),
     "2d-same": ModelSpec(
-        ModelKind.D2,
+        ModelKind.D2, Sampling.SLICES,
         lambda c: UNet2D(c.features, c.levels, c.in_slices, "same", c.norm, c.n_classes),
         "2D U-Net with padded convolutions and batch norm (fast CPU default)",
         {"features": 32, "levels": 5, "norm": "batch", "in_slices": 3},
     ),
     "3d": ModelSpec(
-        ModelKind.D3,
+        ModelKind.D3, Sampling.WINDOWS,
         lambda c: UNet3D(c.features, c.levels, c.pool_kernels, c.norm, c.n_classes),
         "3D U-Net of the study: padded 3x3x3 convolutions, whole volume or sliding windows",
         {"features": 32, "levels": 4},
     ),
     "3d-aniso": ModelSpec(
-        ModelKind.D3,
+        ModelKind.D3, Sampling.WINDOWS,
         lambda c: UNet3D(c.features, c.levels, c.pool_kernels or _aniso_kernels(c.levels, 2), c.norm, c.n_classes),
         "3D U-Net that pools in-plane only at the first two levels (thick slices)",
         {"features": 16, "levels": 4, "norm": "instance"},
