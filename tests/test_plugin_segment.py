@@ -34,9 +34,12 @@ def _open_pair(viewer, pair):
     return image, ref
 
 
-def _use_path(widget: SegmentFemurWidget, path) -> None:
+def _use_path(widget: SegmentFemurWidget, path, qtbot=None) -> None:
+    """Choose a model file; with ``qtbot``, wait until the widget has loaded it (in a thread worker)."""
     widget.select_model_path(path)
     assert widget.model_combo.currentText().startswith("Model file or run folder")
+    if qtbot is not None:
+        qtbot.waitUntil(lambda: widget.loader is None, timeout=TIMEOUT_MS)
 
 
 def test_no_model_says_how_to_get_one(make_napari_viewer, tiny_scan_pair):
@@ -57,7 +60,7 @@ def test_segment_adds_aligned_layers_and_threshold_updates_mask_and_curve(
     image, ref = _open_pair(viewer, tiny_scan_pair)
     widget = SegmentFemurWidget(viewer)
     viewer.window.add_dock_widget(widget)
-    _use_path(widget, tiny_checkpoint)
+    _use_path(widget, tiny_checkpoint, qtbot)
     assert "2d-same" in widget.model_info.text() and "2D" in widget.model_info.text()
     widget.image_combo.set_layer(image)
     widget.device_combo.setCurrentText("cpu")
@@ -180,12 +183,53 @@ def test_cancel_and_errors_become_messages(make_napari_viewer, qtbot, tiny_scan_
     # a broken model file: an error message, no crash, the widget is usable again
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    _use_path(widget, bad)
+    _use_path(widget, bad, qtbot)
     assert "Cannot use this model" in widget.model_info.text()
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=TIMEOUT_MS)
     assert "Segmentation failed" in widget.status.text()
     assert widget.run_button.isEnabled()
+
+
+def test_choosing_a_model_loads_it_off_the_gui_thread(make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    """The model is loaded in a thread worker: the widget gets it (its description), a file that cannot
+    be used puts its error on the status line, and a slow load leaves the GUI thread free."""
+    viewer = make_napari_viewer()
+    widget = SegmentFemurWidget(viewer)
+    qtbot.addWidget(widget)
+    loads = []
+    release = threading.Event()
+    real_get = widget._cache.get
+
+    def watched_get(path):
+        loads.append(threading.current_thread() is threading.main_thread())
+        release.wait(30)
+        return real_get(path)
+
+    widget._cache.get = watched_get
+    _use_path(widget, tiny_checkpoint)
+    assert widget.loader is not None and "Loading" in widget.model_info.text()  # returned while loading
+    release.set()
+    qtbot.waitUntil(lambda: widget.loader is None, timeout=TIMEOUT_MS)
+    assert loads == [False]  # loaded once, not on the GUI thread
+    assert "2d-same" in widget.model_info.text() and "threshold" in widget.model_info.text()
+    assert widget.status.text() == ""
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    _use_path(widget, bad, qtbot)
+    assert widget.status.text().startswith("Cannot use this model") and "bad.pt" in widget.status.text()
+    assert widget.model_info.text() == widget.status.text()
+
+    # a late result of an earlier choice does not overwrite the current one
+    release.clear()
+    _use_path(widget, tiny_checkpoint)
+    _use_path(widget, bad)
+    release.set()
+    qtbot.waitUntil(lambda: widget.loader is None, timeout=TIMEOUT_MS)
+    qtbot.wait(200)  # the first load's result, if it were shown, would have arrived by now
+    assert widget.model_info.text().startswith("Cannot use this model")
+    widget._cache.get = real_get
 
 
 def test_threshold_update_on_a_large_map(make_napari_viewer):

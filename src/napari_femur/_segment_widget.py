@@ -11,11 +11,15 @@ and "<name> femur (prediction)" (labels, filled in the prediction colour),
 with the geometry metadata the writer needs. The threshold section below moves
 the operating point on the cached map; it shares the probability layer's one
 threshold with the Femur Threshold dock (napari_femur._threshold_state).
+Choosing a model loads it in a thread worker too (a large checkpoint or an
+ensemble takes seconds): the GUI stays responsive, the model line says what it
+is when it is loaded, and a file that cannot be used says why on the status line.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,20 +108,22 @@ class ModelCache:
 
     def __init__(self) -> None:
         self._items: dict[Path, tuple[float, Any]] = {}
+        self._lock = threading.Lock()  # thread workers load: one load of a file at a time
 
     def get(self, path: "str | os.PathLike") -> "LoadedModel":
-        """Load (or reuse) the model at ``path`` (a checkpoint file or a run folder)."""
+        """Load (or reuse) the model at ``path`` (a checkpoint file or a run folder); thread-safe."""
         from femur_core.checkpoint import resolve_model_path
         from femur_core.inference import load_model
 
         p = resolve_model_path(path)
-        mtime = p.stat().st_mtime
-        hit = self._items.get(p)
-        if hit is not None and hit[0] == mtime:
-            return hit[1]
-        model = load_model(p)
-        self._items[p] = (mtime, model)
-        return model
+        with self._lock:
+            mtime = p.stat().st_mtime
+            hit = self._items.get(p)
+            if hit is not None and hit[0] == mtime:
+                return hit[1]
+            model = load_model(p)
+            self._items[p] = (mtime, model)
+            return model
 
 
 def segment_job(
@@ -173,6 +179,9 @@ class SegmentFemurWidget(QWidget):
 
         self.viewer = napari_viewer
         self.worker: Any = None
+        #: the thread worker loading the chosen model (None when no load is running)
+        self.loader: Any = None
+        self._runs = 0  # segmentation runs started (a load error older than a run leaves its status alone)
         self._cancel: CancelToken | None = None
         self._cache = ModelCache()
         self._store = session_models()
@@ -308,6 +317,9 @@ class SegmentFemurWidget(QWidget):
         self.model_path.set_path(path)
 
     def _describe(self) -> None:
+        """Show what the chosen model is: load it in a thread worker, describe it when it is loaded."""
+        from napari.qt.threading import create_worker
+
         if self.worker is None:  # a new model: an old run's message no longer applies
             self.status.setText("")
         path = self.selected_model_path()
@@ -315,13 +327,38 @@ class SegmentFemurWidget(QWidget):
             self.model_info.setText(NO_MODEL_HELP)
             self.run_button.setToolTip(NO_MODEL_HELP)
             return
-        try:
-            model = self._cache.get(path)
-        except Exception as exc:
-            self.model_info.setText(f"Cannot use this model: {error_text(exc)}")
-            return
-        self.model_info.setText(describe_model(model))
+        self.model_info.setText("Loading the model…")
         self.run_button.setToolTip("Segment the chosen image layer")
+        loader = create_worker(self._cache.get, path, _start_thread=False, _ignore_errors=True)
+        runs = self._runs
+        loader.returned.connect(lambda model: self._on_model_loaded(path, model))
+        loader.errored.connect(lambda exc: self._on_model_error(path, exc, runs))
+        loader.finished.connect(lambda: self._on_loader_finished(loader))
+        self.loader = loader
+        loader.start()
+
+    def _still_chosen(self, path: Path) -> bool:
+        """Whether ``path`` is still the chosen model (a late result of an earlier choice is dropped)."""
+        try:
+            return self.selected_model_path() == path
+        except RuntimeError:  # the widget was deleted while the model loaded
+            return False
+
+    def _on_model_loaded(self, path: Path, model: "LoadedModel") -> None:
+        if self._still_chosen(path):
+            self.model_info.setText(describe_model(model))
+
+    def _on_model_error(self, path: Path, exc: BaseException, runs: int) -> None:
+        if not self._still_chosen(path):
+            return
+        text = f"Cannot use this model: {error_text(exc)}"
+        self.model_info.setText(text)
+        if self.worker is None and runs == self._runs:  # a run's own message wins
+            self.status.setText(text)
+
+    def _on_loader_finished(self, loader: Any) -> None:
+        if self.loader is loader:
+            self.loader = None
 
     # ------------------------------------------------------------------ run
     def run(self) -> Any:
@@ -346,6 +383,7 @@ class SegmentFemurWidget(QWidget):
             return None
         self._cancel = CancelToken()
         self._layer = layer
+        self._runs += 1
         worker = create_worker(
             segment_job, self._cache, path, image,
             flip_tta=self.flip_check.isChecked(), cleanup=self.cleanup_check.isChecked(),
