@@ -5,7 +5,8 @@ origin, optionally an oblique rotation) are generated; the properties are:
 
 - NIfTI write -> read is exact (data bit for bit, affine within 1e-5 mm);
 - to_canonical -> from_canonical is exact, and every voxel keeps its world position;
-- prepare -> restore keeps a mask aligned with its image (shape, affine exact; DSC high);
+- prepare -> back to the source grid (as predict_volume does) keeps a mask aligned with its image
+  (shape, affine exact; DSC high);
 - the metrics do not depend on the orientation a scan was stored in.
 
 Overlap / distance / ROC properties of the metrics themselves are in
@@ -25,7 +26,8 @@ from hypothesis.extra.numpy import arrays
 
 from femur_core import metrics as M
 from femur_core.volume_io import read_volume, write_volume
-from femur_core.preprocess import GridSpec, prepare, restore
+from femur_core.inference import Prediction
+from femur_core.preprocess import GridSpec, prepare
 from femur_core.volume import CANONICAL_AXCODES, Volume, from_canonical, to_canonical
 
 SETTINGS = dict(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -143,7 +145,8 @@ def test_prop_prepare_restore_keeps_the_mask_aligned(case):
     image, mask, grid = case
     prep = prepare(image, grid, mask)
     assert prep.mask.shape == prep.image.shape
-    back = restore(prep.mask.astype(np.float32), prep)
+    # the way predict_volume maps a model-grid map back: canonical source grid, then source orientation
+    back = Prediction(prep.restore_canonical(prep.mask.astype(np.float32)), prep.reorientation, None, 0.5).prob
     assert back.shape == image.shape
     np.testing.assert_array_equal(back.affine, image.affine)
     # what the model grid kept (the central slices) comes back where it was

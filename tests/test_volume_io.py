@@ -10,7 +10,8 @@ import tifffile
 
 from femur_core.errors import InputError, OutputExistsError
 from femur_core.volume_io import check_image, check_mask, read_volume, write_volume
-from femur_core.preprocess import GridSpec, prepare, restore
+from femur_core.inference import Prediction
+from femur_core.preprocess import GridSpec, prepare
 from femur_core.volume import (CANONICAL_AXCODES, Volume, affine_from_napari, from_canonical, napari_affine,
                                to_canonical)
 
@@ -144,7 +145,8 @@ def test_prepare_restore_keeps_masks_aligned():
     mvol = Volume(mask, vol.affine)
     prep = prepare(vol, GridSpec(in_plane_spacing=1.8), mvol)
     assert prep.image.shape == (12, 48, 48)
-    back = restore(prep.mask.astype(np.float32), prep)
+    # the way predict_volume maps a model-grid map back: canonical source grid, then source orientation
+    back = Prediction(prep.restore_canonical(prep.mask.astype(np.float32)), prep.reorientation, None, 0.5).prob
     assert back.shape == vol.shape
     np.testing.assert_allclose(back.affine, vol.affine)
     assert dice(back.data >= 0.5, mask) > 0.95

@@ -4,8 +4,9 @@
 brings it to the canonical (P, I, L) layout, optionally keeps the central N
 slices (the study: 48), resamples in-plane to a target spacing or matrix size
 (the study: 512 -> 256 with cubic interpolation) and normalises intensities.
-:func:`restore` maps a probability map from the model grid back to the source
-grid and orientation; metrics are always computed there.
+:meth:`Prepared.restore_canonical` maps a probability map from the model grid
+back onto the canonical source grid; :class:`femur_core.inference.Prediction`
+takes it on to the source orientation, where metrics are always computed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .volume import Reorientation, Volume, from_canonical, to_canonical
+from .volume import Reorientation, Volume, to_canonical
 
-__all__ = ["GridSpec", "Prepared", "normalise", "prepare", "restore", "resample_inplane"]
+__all__ = ["GridSpec", "Prepared", "normalise", "prepare", "resample_inplane"]
 
 
 @dataclass
@@ -149,8 +150,3 @@ def prepare(image: Volume, grid: GridSpec, mask: Volume | None = None,
         lab = np.where(msk > 0, 1, np.where(other, 2, 0)).astype(np.uint8)
     spacing = (sp[0], sp[1] * canon.shape[1] / size[0], sp[2] * canon.shape[2] / size[1])
     return Prepared(img, msk, canon.shape, (z0, z1), spacing, reo, lab)
-
-
-def restore(prob: np.ndarray, prep: Prepared) -> Volume:
-    """Map a model-grid probability map back to the source grid and orientation."""
-    return from_canonical(prep.restore_canonical(prob), prep.reorientation)
