@@ -55,14 +55,15 @@ def _study_3d(f: int, levels: int) -> Run:
                f"{LR_NOTE}; {PATCH_NOTE}")
 
 
-#: In the order they are trained (fold-major: every run's fold 0 first): the study's headline pair,
-#: the diagnosis run, the other study runs, the extras.
+#: In the order they are trained (fold-major: every run's fold 0 first): the 2D study network, the
+#: cheapest 3D one and the same 3D network trained as the study did (the diagnosis), the other study
+#: runs, the extras.
 RUNS: list[Run] = [
-    _study_2d(64, 3), _study_3d(32, 4), _study_3d(16, 3),
+    _study_2d(64, 3), _study_3d(16, 3),
     Run("3d-f16-l3-literal", ("--recipe", "study-3d", "--model", "3d", "--features", "16", "--levels", "3",
                               "--lr", "5e-5", "--flip-tta", "off", "--ensemble", "1", "--precision", "bf16"),
         "diagnosis: the study's literal 3D training (whole volumes, batch 1, lr 5e-5) in the same budget"),
-    _study_3d(32, 3), _study_3d(16, 4), _study_2d(64, 4),
+    _study_3d(32, 4), _study_3d(32, 3), _study_3d(16, 4), _study_2d(64, 4),
     Run("default", ("--recipe", "cpu-2d", "--ensemble", "1"),
         "the project's default recipe (cpu-2d: 2D U-Net with padded convolutions and batch norm, 1.8 mm grid, "
         "Dice+CE, poly lr 2e-3, augmentation, 'other bone' class, flip averaging) as one network "
