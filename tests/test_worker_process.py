@@ -38,6 +38,10 @@ def until_cancelled(*, progress=None, cancel=None):
         time.sleep(0.05)
 
 
+def own_niceness(*, progress=None, cancel=None):
+    return os.nice(0)
+
+
 def die(code, *, progress=None, cancel=None):
     progress(ProgressEvent("info", message="about to die"))
     os._exit(code)
@@ -102,3 +106,10 @@ def test_train_job_module_loads_no_gui_module():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="POSIX nice only")
+def test_the_child_runs_at_the_asked_lower_priority():
+    mine = os.nice(0)
+    assert run_in_process(own_niceness) == mine
+    assert run_in_process(own_niceness, niceness=5) == min(mine + 5, 19)

@@ -92,7 +92,7 @@ def _sendable_error(exc: BaseException) -> BaseException:
 
 
 def _child(fn: Callable[..., Any], args: tuple, kwargs: dict, out: Any, stop: _SharedFlag,
-           parent_pid: int) -> None:
+           parent_pid: int, niceness: int = 0) -> None:
     """The child's main: call ``fn`` and send its events, then its result or exception.
 
     ``out`` is the writing end of a pipe: each message is written before ``send``
@@ -100,6 +100,8 @@ def _child(fn: Callable[..., Any], args: tuple, kwargs: dict, out: Any, stop: _S
     still arrives).
     """
     _watch_parent(parent_pid, stop)
+    if niceness > 0 and hasattr(os, "nice"):  # give way to the process that waits for us (a viewer)
+        os.nice(niceness)
     lock = threading.Lock()
 
     def send(message: tuple) -> None:
@@ -145,6 +147,7 @@ def run_in_process(
     cancel: CancelToken | None = None,
     poll_s: float = 0.1,
     stop_timeout_s: float = 120.0,
+    niceness: int = 0,
     **kwargs: Any,
 ) -> Any:
     """Call ``fn(*args, progress=..., cancel=..., **kwargs)`` in a spawned child process.
@@ -166,6 +169,9 @@ def run_in_process(
     stop_timeout_s : float
         After a cancel (or an error in ``progress``), how long the child may take
         to stop cleanly before it is terminated.
+    niceness : int
+        Lower the child's scheduling priority by this much (POSIX ``nice``), so
+        that a viewer waiting on it keeps the CPU when it needs it; 0 keeps it.
 
     Returns
     -------
@@ -184,7 +190,7 @@ def run_in_process(
     reader, writer = ctx.Pipe(duplex=False)
     stop = _SharedFlag(ctx)
     name = f"femur-{getattr(fn, '__name__', 'work')}"
-    proc = ctx.Process(target=_child, args=(fn, args, kwargs, writer, stop, os.getpid()), name=name, daemon=True)
+    proc = ctx.Process(target=_child, args=(fn, args, kwargs, writer, stop, os.getpid(), niceness), name=name, daemon=True)
     proc.start()
     writer.close()  # the child holds the only writing end: its exit is an end of file here
     finished = False

@@ -228,4 +228,5 @@ def train_in_process(plan: TrainPlan, cancel: CancelToken) -> Generator[Progress
     """
     from femur_core.worker_process import run_in_process
 
-    return (yield from iter_progress(run_in_process, run_train_job, plan, cancel=cancel))
+    # niceness: the viewer's event loop wins the CPU whenever it needs it (2 cores: both are training's)
+    return (yield from iter_progress(run_in_process, run_train_job, plan, cancel=cancel, niceness=10))
