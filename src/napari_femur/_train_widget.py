@@ -196,6 +196,7 @@ class TrainFoldWidget(QWidget):
         self._plan: TrainPlan | None = None
         self._subject_cache: dict = {}
         self._config_overrides: dict = {}
+        self._last_step_draw = 0.0  # monotonic time of the last mid-epoch redraw of the curves
         #: train in a child process (the default: the viewer stays responsive); False: in the worker thread
         self.separate_process = True
         self.last_outcome: TrainOutcome | None = None
@@ -622,7 +623,10 @@ class TrainFoldWidget(QWidget):
             loss = f", loss {ev.loss:.4f}" if ev.loss is not None else ""
             self.status.setText(f"Fold {ev.fold}: epoch {ev.epoch}/{ev.epochs}, step {ev.step}/{ev.total}{loss}")
             self.plot.add_step(ev.epoch, ev.step, ev.total, ev.loss)
-            if ev.step == ev.total or ev.step % 5 == 1:
+            # a redraw costs the event loop about 0.1 s: at most one a second between epoch ends
+            now = time.monotonic()
+            if ev.step == ev.total or now - self._last_step_draw >= 1.0:
+                self._last_step_draw = now
                 self.plot.redraw()
         elif ev.stage == "validate":
             self.progress.setRange(0, 0)
