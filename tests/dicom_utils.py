@@ -157,3 +157,24 @@ def write_enhanced(src_folder, dst_file) -> Path:
     dst_file.parent.mkdir(parents=True, exist_ok=True)
     mf.save_as(str(dst_file), enforce_file_format=True)
     return dst_file
+
+
+def seg_as_volume(seg_path, image) -> np.ndarray:
+    """A SEG's frames put back on the image's slices (each voxel its segment number), using the
+    source references only."""
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(str(seg_path))
+    ref = image.meta["dicom"]
+    sop = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ref["files"]]
+    where = {(sop[fi], fr + 1 if ref["multiframe"] else None): k for k, (fi, fr) in enumerate(ref["slices"])}
+    out = np.zeros(image.shape, np.uint8)
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))  # one frame reads as 2D
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        src = item.DerivationImageSequence[0].SourceImageSequence[0]
+        fr = int(src.ReferencedFrameNumber) if "ReferencedFrameNumber" in src else None
+        k = where[(str(src.ReferencedSOPInstanceUID), fr)]
+        ident = item if "SegmentIdentificationSequence" in item else seg.SharedFunctionalGroupsSequence[0]
+        out[k][frames[i] > 0] = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    return out

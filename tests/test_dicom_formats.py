@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicom_utils import CODECS, compress_series, phantom, rotation, write_enhanced, write_series
+from dicom_utils import CODECS, compress_series, phantom, rotation, seg_as_volume, write_enhanced, write_series
 from femur_core.dicom import list_series, read_dicom
 from femur_core.errors import InputError, OutputExistsError
 from femur_core.volume_io import read_volume, write_volume
@@ -257,26 +257,6 @@ def test_nrrd_and_mha_keep_origin_spacing_and_direction(tmp_path, fmt):
 
 
 # ----------------------------------------------------------------------------- end to end, CLI
-def _seg_as_volume(seg_path, image: Volume) -> np.ndarray:
-    """A SEG's frames put back on the image's slices, using the source references only."""
-    import highdicom as hd
-    import pydicom
-
-    seg = hd.seg.segread(str(seg_path))
-    ref = image.meta["dicom"]
-    sop = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in ref["files"]]
-    where = {(sop[fi], fr + 1 if ref["multiframe"] else None): k for k, (fi, fr) in enumerate(ref["slices"])}
-    out = np.zeros(image.shape, np.uint8)
-    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))  # one frame reads as 2D
-    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        src = item.DerivationImageSequence[0].SourceImageSequence[0]
-        fr = int(src.ReferencedFrameNumber) if "ReferencedFrameNumber" in src else None
-        k = where[(str(src.ReferencedSOPInstanceUID), fr)]
-        ident = item if "SegmentIdentificationSequence" in item else seg.SharedFunctionalGroupsSequence[0]
-        out[k][frames[i] > 0] = int(ident.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-    return out
-
-
 def test_cli_segments_compressed_folder_and_enhanced_file_to_seg(tmp_path, series):
     import nibabel as nib
 
@@ -298,7 +278,7 @@ def test_cli_segments_compressed_folder_and_enhanced_file_to_seg(tmp_path, serie
         mask = np.asarray(nii.dataobj)
         assert 0 < mask.sum() < mask.size  # a real mask, neither empty nor everything
         # the SEG holds one segment per femur: its label volume is the right (1) / left (2) map of the mask
-        seg_labels = _seg_as_volume(out / f"{name}_mask.seg.dcm", image)
+        seg_labels = seg_as_volume(out / f"{name}_mask.seg.dcm", image)
         np.testing.assert_array_equal(seg_labels > 0, mask > 0)
         np.testing.assert_array_equal(seg_labels, np.asarray(nib.load(str(out / f"{name}_sides.nii.gz")).dataobj))
         import highdicom as hd
