@@ -27,6 +27,7 @@ def test_every_recipe_and_changed_settings_round_trip_through_the_flags(name):
         base.replace(patch_size=[96, 112]),
         base.replace(patch_size=None),
         base.replace(keep_weights="last" if base.keep_weights == "best" else "best"),
+        base.replace(validate_every=base.validate_every + 2),
         base.replace(max_minutes=3.0, budget_clock="cpu", flip_tta=not base.flip_tta, patches_per_volume=4),
     ]
     for cfg in variants:

@@ -39,3 +39,31 @@ def test_best_keeps_the_best_validation_epoch_and_last_the_final_one(tmp_path):
     same = all(torch.equal(a, b) for a, b in zip(load_checkpoint(best.last)["state_dict"].values(),
                                                   final["state_dict"].values()))
     assert same
+
+
+def test_validate_every_skips_validations_but_not_the_last_and_trains_the_same_weights(tmp_path):
+    subjects = load_subjects(find_subjects(write_cohort(tmp_path / "data", 4)))
+    every = train_model(subjects[:3], subjects[3:], _cfg(keep_weights="last"), tmp_path / "every")
+    sparse = train_model(subjects[:3], subjects[3:], _cfg(keep_weights="last", validate_every=3), tmp_path / "sparse")
+    val = [h["val_dsc"] for h in sparse.history]
+    assert len(val) == 4 and np.isnan(val[0]) and np.isnan(val[1]), val  # epochs 1, 2: not validated
+    assert val[2] == every.history[2]["val_dsc"] and val[3] == every.history[3]["val_dsc"]  # 3rd and the last
+    # validation only reads the network: skipping it trains exactly the same weights
+    for a, b in zip(load_checkpoint(every.checkpoint)["state_dict"].values(),
+                    load_checkpoint(sparse.checkpoint)["state_dict"].values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sparse.threshold == every.threshold
+
+
+def test_a_run_stopped_by_its_budget_validates_its_last_epoch():
+    from femur_core.training import _early_stop, _validates
+
+    cfg = _cfg(validate_every=5)
+    assert [_validates(cfg, e, last=False) for e in range(4)] == [False, False, False, True]  # max_epochs 4
+    assert _validates(cfg, 1, last=True)  # the budget ran out during epoch 2
+    assert _validates(cfg.replace(max_epochs=100), 9, last=False) and not _validates(cfg.replace(max_epochs=100), 8,
+                                                                                         last=False)
+    # early stopping counts validated epochs only
+    stop = cfg.replace(min_epochs=1, patience=2, validate_every=1)
+    assert not _early_stop([0.5, float("nan"), 0.6, float("nan"), 0.61], stop)
+    assert _early_stop([0.5, 0.7, float("nan"), 0.6, float("nan"), 0.6], stop)

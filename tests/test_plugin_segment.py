@@ -479,3 +479,21 @@ def test_plot_axis_titles_stay_inside_the_figure(qtbot, height):
                     box = label.get_window_extent(renderer)
                     assert box.y0 >= fig_box.y0 - 0.5 and box.x0 >= fig_box.x0 - 0.5, label.get_text()
                     assert box.x1 <= fig_box.x1 + 0.5 and box.y1 <= fig_box.y1 + 0.5, label.get_text()
+
+
+def test_training_plot_joins_the_validated_epochs_only(qtbot):
+    """With ``validate_every`` most epochs carry no validation DSC (NaN): the validation line joins the
+    validated epochs instead of showing isolated points, and the best one is starred."""
+    from napari_femur._plots import TrainingCurvesCanvas
+
+    plot = TrainingCurvesCanvas(None)
+    qtbot.addWidget(plot)
+    nan = float("nan")
+    for epoch, val in enumerate([nan, nan, 0.6, nan, 0.7, nan], start=1):
+        plot.add_epoch(epoch, 1.0 / epoch, val)
+    plot.redraw()
+    lines = {ln.get_label(): ln for ln in plot.ax_dsc.get_lines()}
+    line = lines["validation DSC"]
+    assert list(line.get_xdata()) == [3, 5] and list(line.get_ydata()) == [0.6, 0.7]
+    stars = [ln for ln in plot.ax_dsc.get_lines() if ln.get_marker() == "*"]
+    assert stars and list(stars[0].get_xdata()) == [5]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -96,7 +97,9 @@ class TqdmProgress:
         elif ev.stage is Stage.EPOCH_END:
             self.close()
             fold = f"fold {ev.fold} " if ev.fold is not None else ""
-            print(f"{fold}epoch {ev.epoch}: loss {ev.loss:.4f}  val DSC {ev.val_dsc:.4f}", file=sys.stderr)
+            val = (f"  val DSC {ev.val_dsc:.4f}" if ev.val_dsc is not None and math.isfinite(ev.val_dsc)
+                   else "  (not validated)")
+            print(f"{fold}epoch {ev.epoch}: loss {ev.loss:.4f}{val}", file=sys.stderr)
         elif ev.stage in (Stage.DONE, Stage.RESUME, Stage.INFO):
             self.close()
             print(ev.message, file=sys.stderr)
@@ -183,6 +186,8 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
                                                 "on out-of-fold predictions")
     g.add_argument("--keep-weights", choices=["best", "last"],
                    help="the model is the epoch with the best validation DSC, or the final epoch")
+    g.add_argument("--validate-every", type=int, metavar="N",
+                   help="validate every N epochs and after the last (the others record no validation DSC)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -199,7 +204,7 @@ _PLAIN_FLAGS = {"loss": "loss", "lr": "lr", "lr_schedule": "lr_schedule", "epoch
                 "min_epochs": "min_epochs", "patience": "patience", "batch_size": "batch_size",
                 "seed": "seed", "device": "device", "precision": "precision", "ensemble": "ensemble",
                 "budget_clock": "budget_clock", "patches_per_volume": "patches_per_volume",
-                "keep_weights": "keep_weights"}
+                "keep_weights": "keep_weights", "validate_every": "validate_every"}
 _GRID_FLAGS = ("in_plane_spacing", "in_plane_size", "central_slices")
 #: Flags that :func:`args_from_config` always writes, so a printed command reads complete.
 ALWAYS_WRITTEN = ("model", "features", "levels", "epochs", "patience", "budget_minutes", "seed", "device")

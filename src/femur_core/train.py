@@ -19,6 +19,7 @@ rank 0 writes files and prints (see docs/scaling.md).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import time
@@ -143,7 +144,8 @@ def _main(args) -> int:
     if not is_main:
         return 0
     res = final.result
-    best = [max((h["val_dsc"] for h in m.history), default=float("nan")) for m in res.members]
+    best = [max((h["val_dsc"] for h in m.history if math.isfinite(h["val_dsc"])), default=float("nan"))
+            for m in res.members]
     print(f"model: {final.model}  {len(res.members)} member(s), epochs "
           f"{'+'.join(str(m.epochs) for m in res.members)} ({res.stop_reason}), {res.minutes:.1f} min training, "
           f"best early-stopping DSC {' / '.join(f'{b:.4f}' for b in best)}, threshold {res.threshold:.3f} "

@@ -326,8 +326,9 @@ class TrainingCurvesCanvas(ThemedCanvas):
             (h,) = a.plot(self.epochs, self.epoch_loss, color="#4fc3f7", marker="o", markersize=4,
                           linewidth=1.6, label="loss (epoch mean)")
             handles.append(h)
-            (h,) = b.plot(self.epochs, self.val_dsc, color="#ffb74d", marker="s", markersize=4,
-                          linewidth=1.6, label="validation DSC")
+            validated = [(e, v) for e, v in zip(self.epochs, self.val_dsc) if np.isfinite(v)]  # validate_every
+            (h,) = b.plot([e for e, _ in validated], [v for _, v in validated], color="#ffb74d", marker="s",
+                          markersize=4, linewidth=1.6, label="validation DSC")
             handles.append(h)
             best = int(np.nanargmax(self.val_dsc)) if np.isfinite(self.val_dsc).any() else None
             if best is not None:

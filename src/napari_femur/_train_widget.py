@@ -34,6 +34,7 @@ corrected) labels layer back on the source grid as the next free
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import time
@@ -634,7 +635,9 @@ class TrainFoldWidget(QWidget):
         elif ev.stage == "epoch_end":
             self.plot.add_epoch(ev.epoch, ev.loss, ev.val_dsc)
             self.plot.redraw()
-            self.status.setText(f"Fold {ev.fold}: epoch {ev.epoch}: loss {ev.loss:.4f}, validation DSC {ev.val_dsc:.4f}")
+            val = (f"validation DSC {ev.val_dsc:.4f}" if ev.val_dsc is not None and math.isfinite(ev.val_dsc)
+                   else "not validated")
+            self.status.setText(f"Fold {ev.fold}: epoch {ev.epoch}: loss {ev.loss:.4f}, {val}")
         elif ev.stage == "fold_result":
             self._add_cv_row(json.loads(ev.message))
             self.plot.reset()
@@ -693,7 +696,8 @@ class TrainFoldWidget(QWidget):
         else:
             label = (f"fold {plan.fold}/{plan.n_folds} {model_name}" if plan is not None and plan.data_dir is not None
                      else f"{model_name} on layers")
-        best = max((h.get("val_dsc", float("nan")) for h in outcome.history), default=float("nan"))
+        best = max((v for h in outcome.history if math.isfinite(v := float(h.get("val_dsc", float("nan"))))),
+                   default=float("nan"))
         scores = f"best validation DSC {best:.3f}"
         if outcome.test_dsc is not None:
             scores += (f", cross-validation DSC {outcome.test_dsc:.3f}" if plan is not None and plan.mode == "cv"
