@@ -29,6 +29,7 @@ def test_every_recipe_and_changed_settings_round_trip_through_the_flags(name):
         base.replace(keep_weights="last" if base.keep_weights == "best" else "best"),
         base.replace(validate_every=base.validate_every + 2),
         base.replace(max_minutes=3.0, budget_clock="cpu", flip_tta=not base.flip_tta, patches_per_volume=4),
+        base.replace(bg_slice_ratio=0.2 if base.bg_slice_ratio != 0.2 else 0.0),
     ]
     for cfg in variants:
         assert _round_trip(cfg, name).to_dict() == cfg.to_dict()
@@ -53,3 +54,12 @@ def test_patch_size_flag_is_checked():
     for bad in ("96", "a,b", "4,4", "1,2,3,4"):
         with pytest.raises(Exception, match="--patch-size"):
             config_from_overrides("cpu-2d", {"patch_size": bad})
+
+
+def test_bg_slice_ratio_flag_sets_the_share_of_femur_free_slices_and_is_checked():
+    args = build_parser().parse_args(["--recipe", "study-2d", "--bg-slice-ratio", "0.2"])
+    cfg = config_from_args(args, "cpu-2d")
+    assert cfg.bg_slice_ratio == 0.2 and recipe("study-2d").bg_slice_ratio == 1.0
+    assert config_from_overrides("cpu-2d", {}).bg_slice_ratio == recipe("cpu-2d").bg_slice_ratio
+    with pytest.raises(Exception, match="--bg-slice-ratio"):
+        config_from_overrides("study-2d", {"bg_slice_ratio": -0.5})

@@ -180,6 +180,8 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
                                         "Z,Y,X (3D), voxels of the model grid; 0 = whole slices/volumes")
     g.add_argument("--patches-per-volume", type=int,
                    help="3D with --patch-size: random patches drawn from each volume per epoch (default 1)")
+    g.add_argument("--bg-slice-ratio", type=float,
+                   help="2D: slices without femur drawn per epoch, per slice with femur (default: the recipe's)")
     g.add_argument("--augment", help="comma list of flip,intensity,affine,gamma,blur,lowres")
     g.add_argument("--ensemble", type=int, help="member networks: 1 = one network on an inner split; k > 1 = one "
                                                 "per fold of a k-fold split, probabilities averaged, threshold "
@@ -204,7 +206,8 @@ _PLAIN_FLAGS = {"loss": "loss", "lr": "lr", "lr_schedule": "lr_schedule", "epoch
                 "min_epochs": "min_epochs", "patience": "patience", "batch_size": "batch_size",
                 "seed": "seed", "device": "device", "precision": "precision", "ensemble": "ensemble",
                 "budget_clock": "budget_clock", "patches_per_volume": "patches_per_volume",
-                "keep_weights": "keep_weights", "validate_every": "validate_every"}
+                "keep_weights": "keep_weights", "validate_every": "validate_every",
+                "bg_slice_ratio": "bg_slice_ratio"}
 _GRID_FLAGS = ("in_plane_spacing", "in_plane_size", "central_slices")
 #: Flags that :func:`args_from_config` always writes, so a printed command reads complete.
 ALWAYS_WRITTEN = ("model", "features", "levels", "epochs", "patience", "budget_minutes", "seed", "device")
@@ -243,6 +246,8 @@ def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
         if int(o["in_slices"]) < 1 or int(o["in_slices"]) % 2 == 0:
             raise InputError(None, f"--in-slices must be odd and positive, got {o['in_slices']}")
         cfg.model.in_slices = int(o["in_slices"])
+    if "bg_slice_ratio" in o and not float(o["bg_slice_ratio"]) >= 0:
+        raise InputError(None, f"--bg-slice-ratio must be 0 or more, got {o['bg_slice_ratio']}")
     if "ensemble" in o and int(o["ensemble"]) < 1:
         raise InputError(None, f"--ensemble must be at least 1, got {o['ensemble']}")
     for flag, attr in _PLAIN_FLAGS.items():
