@@ -187,14 +187,29 @@ def build(runs_dir: Path) -> dict:
             "rows": rows}
 
 
+def row_note(r: dict) -> str:
+    """A plain-words verdict on a row: whether its models learned to segment in the budget."""
+    dsc = r["dsc"][0]
+    empty = r.get("empty_masks", 0)
+    if not np.isfinite(dsc) or dsc < 0.1:
+        verdict = "did not learn to segment in the budget"
+    elif dsc < 0.5:
+        verdict = "learning, far from converged"
+    else:
+        verdict = ""
+    if empty:
+        verdict += ("; " if verdict else "") + f"{empty} of {r['n_subjects']} subjects with DSC 0"
+    return verdict
+
+
 def markdown(table: dict) -> str:
     """The table in Markdown, the study's numbers beside ours."""
     def ms(v, d=3):
         return "-" if v is None or not np.isfinite(v[0]) else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
 
     head = ("| row | DSC study | DSC ours | precision study | precision ours | recall study | recall ours | "
-            "ROC AUC | AP | HD95 mm | ASSD mm | train CPU-min / fold | epochs | folds |")
-    lines = [head, "|" + "---|" * 14]
+            "ROC AUC | AP | HD95 mm | ASSD mm | train CPU-min / fold | epochs | threshold | folds | note |")
+    lines = [head, "|" + "---|" * 16]
     for r in table["rows"]:
         st = r.get("study", {})
         lines.append(
@@ -202,7 +217,7 @@ def markdown(table: dict) -> str:
             f"{ms(r['precision'])} | {ms(st.get('recall'))} | {ms(r['recall'])} | {ms(r['roc_auc'], 4)} | "
             f"{ms(r['average_precision'], 3)} | {ms(r['hd95_mm'], 1)} | {ms(r['assd_mm'], 2)} | "
             f"{', '.join(f'{m:.2f}' for m in r['train_cpu_minutes'])} | {', '.join(map(str, r['epochs']))} | "
-            f"{r['folds_done']}/{r['folds']} |")
+            f"{', '.join(f'{t:.2f}' for t in r['thresholds'])} | {r['folds_done']}/{r['folds']} | {row_note(r)} |")
     return "\n".join(lines)
 
 
