@@ -18,6 +18,7 @@ import torch
 from .calibration import threshold_from_counts
 from .checkpoint import load_checkpoint, load_weights_into, resolve_model_path
 from .errors import ModelFileError
+from .models.fuse import fold_batch_norm
 from .models.registry import MODELS, ModelConfig, ModelKind, build_model
 from .preprocess import GridSpec
 
@@ -30,7 +31,8 @@ class LoadedModel:
     An ensemble (the fold models of a cross-validation, or a model trained
     with ``TrainConfig.ensemble > 1``) has several ``members`` of one
     architecture; ``net`` is the first. Prediction averages the members'
-    probabilities.
+    probabilities. The networks are inference copies in eval mode, with batch
+    norm folded into the convolutions (:func:`femur_core.models.fuse.fold_batch_norm`).
     """
 
     net: torch.nn.Module
@@ -80,7 +82,7 @@ def _build_loaded(payload: dict, p: Path) -> LoadedModel:
         raise ModelFileError(f"{p}: invalid model configuration ({exc})") from None
     for net, sd in zip(nets, states):
         load_weights_into(net, {"state_dict": sd}, p)
-        net.eval()
+    nets = [fold_batch_norm(net) for net in nets]  # inference only: the same function, cheaper
     thr = payload.get("threshold", cfg.get("threshold", 0.5))
     thr = float(thr.item() if torch.is_tensor(thr) else thr)
     return LoadedModel(nets[0], mc, grid, thr, p, cfg, nets, str(payload.get("threshold_source", "")))
