@@ -11,7 +11,9 @@ synthetic hip MRI):
   NIfTI files.
 
 The peer is a single network of the same architecture (the default before the
-ensemble), timed in the same run. Without ``--model`` the models are built with
+ensemble), timed in the same run. A third row times the same model inside one process
+with its batch norm left unfolded (as ``load_model`` loaded it before 2026-11-30 05:30;
+:func:`femur_core.models.fuse.fold_batch_norm`). Without ``--model`` the models are built with
 random weights from the default recipe (timing does not depend on the weights).
 
     python bench/predict_time.py [--model MODEL_DIR] [--scan SCAN] [--reps 3]
@@ -31,11 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _in_process(model_path: str, scan: str, out: str) -> dict:
+def _in_process(model_path: str, scan: str, out: str, fold: bool = True) -> dict:
     t = {}
     t0 = time.perf_counter()
     import numpy as np
     import torch  # noqa: F401
+
+    import femur_core.model_loading
 
     from femur_core.inference import load_model, postprocess, predict_array, resolve_amp, resolve_device
     from femur_core.preprocess import prepare
@@ -43,6 +47,8 @@ def _in_process(model_path: str, scan: str, out: str) -> dict:
     from femur_core.volume_io import PROB_SLOPE, read_volume, write_volume  # noqa: F401
     t["import"] = time.perf_counter() - t0
 
+    if not fold:  # the peer row: the checkpoint's networks as they are
+        femur_core.model_loading.fold_batch_norm = lambda net: net.eval()
     t0 = time.perf_counter()
     model = load_model(model_path)
     t["load_model"] = time.perf_counter() - t0
@@ -108,10 +114,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scan")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--in-process", nargs=3, metavar=("MODEL", "SCAN", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-fold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if args.in_process:
-        print(json.dumps(_in_process(*args.in_process)))
+        print(json.dumps(_in_process(*args.in_process, fold=not args.no_fold)))
         return 0
     sys.stdout.reconfigure(line_buffering=True)
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "reps": args.reps}
@@ -136,6 +143,12 @@ def main(argv=None) -> int:
             res[name] = {"whole_command_s": statistics.median(walls), "whole_command_all_s": walls,
                          "parts_s": med, "members": parts[0]["members"],
                          "slices": parts[0]["slices_on_model_grid"], "grid_yx": parts[0]["model_grid_yx"]}
+        parts = [json.loads(subprocess.run([sys.executable, __file__, "--in-process", ours, scan, str(tmp), "--no-fold"],
+                                           check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                 for _ in range(args.reps)]
+        res["ours, batch norm unfolded"] = {
+            "parts_s": {k: statistics.median(p[k] for p in parts) for k in parts[0] if isinstance(parts[0][k], float)},
+            "members": parts[0]["members"]}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"predict-time-{stamp}.json").write_text(json.dumps(res, indent=2))
@@ -144,6 +157,9 @@ def main(argv=None) -> int:
         r = res[name]
         print(f"{name:15s} {r['members']} member(s): whole command {r['whole_command_s']:.2f} s; in process: " +
               ", ".join(f"{k} {v:.2f}" for k, v in r["parts_s"].items()))
+    r = res["ours, batch norm unfolded"]
+    print("ours, batch norm unfolded: in process: " + ", ".join(f"{k} {v:.2f}" for k, v in r["parts_s"].items()))
+    print(f"network, folded / unfolded: {res['ours']['parts_s']['network'] / r['parts_s']['network']:.2f}")
     print(f"ratio ours / single network, whole command: {res['ours']['whole_command_s'] / res['single network']['whole_command_s']:.2f}")
     return 0
 
