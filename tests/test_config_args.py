@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from femur_core.cli import args_from_config, config_from_args, config_from_overrides
@@ -28,6 +30,7 @@ def test_every_recipe_and_changed_settings_round_trip_through_the_flags(name):
         base.replace(patch_size=None),
         base.replace(keep_weights="last" if base.keep_weights == "best" else "best"),
         base.replace(validate_every=base.validate_every + 2),
+        base.replace(model=dataclasses.replace(base.model, norm="instance" if base.model.norm != "instance" else None)),
         base.replace(max_minutes=3.0, budget_clock="cpu", flip_tta=not base.flip_tta, patches_per_volume=4),
         base.replace(bg_slice_ratio=0.2 if base.bg_slice_ratio != 0.2 else 0.0),
     ]

@@ -155,6 +155,8 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--features", type=int, help="F, feature maps of the first level")
     g.add_argument("--levels", type=int, help="L, resolution levels per path")
     g.add_argument("--in-slices", type=int, help="2D: neighbouring slices in (odd: 3 = the slice and one each side)")
+    g.add_argument("--norm", choices=["none", "batch", "instance"],
+                   help="normalisation after each convolution (the study's networks: none)")
     g.add_argument("--loss", choices=list(LOSSES))
     g.add_argument("--lr", type=float)
     g.add_argument("--lr-schedule", choices=["constant", "poly"],
@@ -242,6 +244,8 @@ def config_from_overrides(recipe_name: str, overrides: Mapping[str, Any]):
         cfg.model.features = int(o["features"])
     if o.get("levels"):
         cfg.model.levels = int(o["levels"])
+    if o.get("norm"):
+        cfg.model.norm = None if o["norm"] == "none" else o["norm"]
     if o.get("in_slices"):
         if int(o["in_slices"]) < 1 or int(o["in_slices"]) % 2 == 0:
             raise InputError(None, f"--in-slices must be odd and positive, got {o['in_slices']}")
@@ -300,7 +304,7 @@ def _patch_size(value) -> list[int] | None:
 def config_overrides(cfg) -> dict[str, Any]:
     """Every training flag's value for ``cfg`` (the inverse of :func:`config_from_overrides`)."""
     d = {"model": cfg.model.name, "features": cfg.model.features, "levels": cfg.model.levels,
-         "in_slices": cfg.model.in_slices,
+         "in_slices": cfg.model.in_slices, "norm": cfg.model.norm or "none",
          "budget_minutes": cfg.max_minutes or 0, "aux_labels": "on" if cfg.aux_labels else "off",
          "flip_tta": "on" if cfg.flip_tta else "off",
          "augment": ",".join(cfg.augment),
