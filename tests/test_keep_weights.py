@@ -67,3 +67,11 @@ def test_a_run_stopped_by_its_budget_validates_its_last_epoch():
     stop = cfg.replace(min_epochs=1, patience=2, validate_every=1)
     assert not _early_stop([0.5, float("nan"), 0.6, float("nan"), 0.61], stop)
     assert _early_stop([0.5, 0.7, float("nan"), 0.6, float("nan"), 0.6], stop)
+
+
+def test_best_validation_dsc_skips_unvalidated_epochs():
+    from femur_core.training import best_validation_dsc
+
+    nan = float("nan")
+    assert best_validation_dsc([{"val_dsc": nan}, {"val_dsc": 0.7}, {"val_dsc": nan}, {"val_dsc": 0.6}]) == 0.7
+    assert np.isnan(best_validation_dsc([{"val_dsc": nan}])) and np.isnan(best_validation_dsc([]))

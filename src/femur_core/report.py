@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,9 @@ def _plots(run: Path, folds: list[dict]) -> None:
         rows = list(csv.DictReader(hist.open()))
         ep = [int(r["epoch"]) for r in rows]
         axes[0].plot(ep, [float(r["loss"]) for r in rows], label=f"fold {f['fold']}")
-        axes[1].plot(ep, [float(r["val_dsc"]) for r in rows], label=f"fold {f['fold']}")
+        validated = [(e, float(r["val_dsc"])) for e, r in zip(ep, rows) if math.isfinite(float(r["val_dsc"]))]
+        axes[1].plot([e for e, _ in validated], [v for _, v in validated], marker=".",  # validate_every
+                     label=f"fold {f['fold']}")
     axes[0].set(xlabel="epoch", ylabel="training loss", title="loss")
     axes[1].set(xlabel="epoch", ylabel="early-stopping DSC", title="validation DSC")
     axes[1].legend(fontsize=7)

@@ -19,7 +19,6 @@ rank 0 writes files and prints (see docs/scaling.md).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import time
@@ -36,7 +35,7 @@ from .ensemble import FitResult, fit
 from .errors import InputError, OutputExistsError
 from .finetune import finetune_config
 from .progress import CancelToken, ProgressCallback
-from .training import TrainConfig
+from .training import TrainConfig, best_validation_dsc
 from .volume_io import atomic_write_bytes
 
 __all__ = ["main", "train_final_model", "FinalModel"]
@@ -144,8 +143,7 @@ def _main(args) -> int:
     if not is_main:
         return 0
     res = final.result
-    best = [max((h["val_dsc"] for h in m.history if math.isfinite(h["val_dsc"])), default=float("nan"))
-            for m in res.members]
+    best = [best_validation_dsc(m.history) for m in res.members]
     print(f"model: {final.model}  {len(res.members)} member(s), epochs "
           f"{'+'.join(str(m.epochs) for m in res.members)} ({res.stop_reason}), {res.minutes:.1f} min training, "
           f"best early-stopping DSC {' / '.join(f'{b:.4f}' for b in best)}, threshold {res.threshold:.3f} "

@@ -841,6 +841,12 @@ def _train_epoch(run: _Run, state: TrainState, source: BatchSource, clock: _Cloc
     return False
 
 
+def best_validation_dsc(history: list[dict]) -> float:
+    """The best ``val_dsc`` of a run's history (NaN when no epoch was validated)."""
+    return max((v for h in history if math.isfinite(v := float(h.get("val_dsc", float("nan"))))),
+               default=float("nan"))
+
+
 def _validates(config: TrainConfig, epoch: int, last: bool) -> bool:
     """Whether epoch ``epoch`` (0-based) is validated: every ``validate_every``-th, and the run's last."""
     return last or epoch + 1 >= config.max_epochs or (epoch + 1) % max(int(config.validate_every), 1) == 0

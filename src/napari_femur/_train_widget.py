@@ -67,7 +67,7 @@ from femur_core.data import next_subject_id, subject_file
 from femur_core.errors import Cancelled, InputError, OutputExistsError
 from femur_core.models.registry import MODELS, default_config
 from femur_core.progress import CancelToken, ProgressEvent
-from femur_core.training import RECIPES, TrainConfig, recipe_for_data
+from femur_core.training import RECIPES, TrainConfig, best_validation_dsc, recipe_for_data
 
 from ._layers import femur_meta, source_volume, world_affine
 from ._plots import TrainingCurvesCanvas
@@ -696,8 +696,7 @@ class TrainFoldWidget(QWidget):
         else:
             label = (f"fold {plan.fold}/{plan.n_folds} {model_name}" if plan is not None and plan.data_dir is not None
                      else f"{model_name} on layers")
-        best = max((v for h in outcome.history if math.isfinite(v := float(h.get("val_dsc", float("nan"))))),
-                   default=float("nan"))
+        best = best_validation_dsc(outcome.history)
         scores = f"best validation DSC {best:.3f}"
         if outcome.test_dsc is not None:
             scores += (f", cross-validation DSC {outcome.test_dsc:.3f}" if plan is not None and plan.mode == "cv"
