@@ -30,8 +30,19 @@ from femur_core.metrics import curves_from_counts  # noqa: E402
 METRICS = ("dsc", "precision", "recall", "specificity", "hd95_mm", "assd_mm")
 
 
-def _folds(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(run_dir.glob("fold*/result.json"))]
+def _folds(run_dir: Path, only: set[int] | None = None) -> list[dict]:
+    """The finished folds' results of one run; ``only``: just these fold indices."""
+    out = [json.loads(p.read_text()) for p in sorted(run_dir.glob("fold*/result.json"))]
+    return [f for f in out if only is None or f["fold"] in only]
+
+
+def common_folds(runs_dir: Path, run_names) -> set[int]:
+    """The fold indices that every run with at least one finished fold has finished: the table
+    compares rows on the same subjects (a run cut short by a deadline would otherwise be scored on
+    fewer, different subjects than the others)."""
+    sets = [{f["fold"] for f in _folds(runs_dir / n)} for n in run_names]
+    sets = [s for s in sets if s]
+    return set.intersection(*sets) if sets else set()
 
 
 def _mean_sd(v) -> list[float]:
@@ -39,12 +50,12 @@ def _mean_sd(v) -> list[float]:
     a = a[np.isfinite(a)]
     if not len(a):
         return [float("nan"), float("nan")]
-    return [round(float(a.mean()), 4), round(float(a.std(ddof=1)), 4) if len(a) > 1 else 0.0]
+    return [round(float(a.mean()), 4), round(float(a.std(ddof=1)), 4) if len(a) > 1 else None]  # no sd of one
 
 
-def row_result(row, run_dir: Path, n_folds: int) -> dict | None:
-    """Summary of one table row from its run's finished folds (None: no fold finished)."""
-    folds = _folds(run_dir)
+def row_result(row, run_dir: Path, n_folds: int, only: set[int] | None = None) -> dict | None:
+    """Summary of one table row from its run's finished folds (``only``: just these; None: no fold finished)."""
+    folds = _folds(run_dir, only)
     if not folds:
         return None
     key = "subjects" if row.cleanup else "subjects_no_cleanup"
@@ -67,11 +78,13 @@ def row_result(row, run_dir: Path, n_folds: int) -> dict | None:
     return out
 
 
-def mean_curves(run_dir: Path) -> dict | None:
+def mean_curves(run_dir: Path, only: set[int] | None = None) -> dict | None:
     """Mean ROC (TPR on an FPR grid) and PR (precision on a recall grid) curves over the folds."""
     grid = np.linspace(0, 1, 401)
     roc, pr = [], []
     for npz in sorted(run_dir.glob("fold*/curves.npz")):
+        if only is not None and int(npz.parent.name[4:]) not in only:
+            continue
         d = np.load(npz)
         c = curves_from_counts(d["pos"], d["neg"])
         o = np.argsort(c.fpr, kind="stable")
@@ -103,7 +116,7 @@ def figure3(out: Path, runs_dir: Path, table: dict) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.6))
     drawn = 0
     for run in RUNS:
-        c = mean_curves(runs_dir / run.name)
+        c = mean_curves(runs_dir / run.name, set(table["folds_used"]) or None)
         res = next((r for r in table["rows"] if r["run"] == run.name), None)
         if c is None or res is None:
             continue
@@ -174,10 +187,13 @@ def build(runs_dir: Path) -> dict:
     """The table: every row with at least one finished fold, the protocol and the departures."""
     n_folds = json.loads((runs_dir / "protocol.json").read_text())["folds"] if (runs_dir / "protocol.json").exists() \
         else None
-    rows = [r for r in (row_result(row, runs_dir / row.run, n_folds) for row in ROWS) if r is not None]
+    used = common_folds(runs_dir, [r.name for r in RUNS])
+    rows = [r for r in (row_result(row, runs_dir / row.run, n_folds, used or None) for row in ROWS) if r is not None]
+    finished = {r.name: sorted(f["fold"] for f in _folds(runs_dir / r.name)) for r in RUNS}
     return {"benchmark": "the study's Table 2 / Figures 3-4 on real scans (bench/study_table)",
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "protocol_text": protocol_text(runs_dir),
+            "folds_used": sorted(used), "folds_finished": finished,
             "protocol": json.loads((runs_dir / "protocol.json").read_text()) if n_folds else None,
             "machine": {"platform": platform.platform(), "processor": platform.processor()},
             "metrics": "femur_core.metrics.evaluate on each subject's original grid, both femurs as one label, "
@@ -205,7 +221,9 @@ def row_note(r: dict) -> str:
 def markdown(table: dict) -> str:
     """The table in Markdown, the study's numbers beside ours."""
     def ms(v, d=3):
-        return "-" if v is None or not np.isfinite(v[0]) else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
+        if v is None or not np.isfinite(v[0]):
+            return "-"
+        return f"{v[0]:.{d}f}" if v[1] is None else f"{v[0]:.{d}f} ± {v[1]:.{d}f}"
 
     head = ("| row | DSC study | DSC ours | precision study | precision ours | recall study | recall ours | "
             "ROC AUC | AP | HD95 mm | ASSD mm | train CPU-min / fold | epochs | threshold | folds | note |")
@@ -224,6 +242,9 @@ def markdown(table: dict) -> str:
 def write_all(runs_dir: Path, results: Path, figures: Path) -> dict:
     """Build the table, write its JSON and both figures, print it."""
     table = build(runs_dir)
+    if table["folds_used"] and table["protocol"] and len(table["folds_used"]) < table["protocol"]["folds"]:
+        table["protocol_text"] += (f"; scored on fold(s) {', '.join(map(str, table['folds_used']))} only, the folds "
+                                   "every row finished (the same subjects for every row)")
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"study-table-{table['date'][:10]}.json"
     path.write_text(json.dumps(table, indent=1) + "\n")
