@@ -156,7 +156,7 @@ def figure4(out: Path, table: dict) -> Path | None:
     labels = [r["label"].replace(" + largest component", " +LC").replace("ours: ", "") for r in rows]
     for ax, m in zip(axes, ("dsc", "precision", "recall")):
         data = [[s[m] for s in r["per_subject"].values() if np.isfinite(s[m])] for r in rows]
-        ax.boxplot(data, vert=True, widths=0.6, showfliers=True)
+        ax.boxplot(data, widths=0.6, showfliers=True)
         for i, r in enumerate(rows, start=1):
             if "study" in r:
                 ax.plot(i, r["study"][m][0], "D", color="tab:red", ms=5, label="study mean" if i == 1 else None)
@@ -200,7 +200,10 @@ def build(runs_dir: Path) -> dict:
                        "threshold from the fold model's early-stopping subjects; mean +- sd over subjects; "
                        "ROC AUC / AP: mean +- sd over folds",
             "runs": {r.name: {"flags": list(r.flags), "departs_from_study": r.departs} for r in RUNS},
-            "rows": rows}
+            "rows": rows,
+            # rows whose run finished more folds than every row did, over all their finished folds
+            "rows_more_folds": [r for r in (row_result(row, runs_dir / row.run, n_folds) for row in ROWS)
+                                if r is not None and used and r["folds_done"] > len(used)]}
 
 
 def row_note(r: dict) -> str:
@@ -218,8 +221,8 @@ def row_note(r: dict) -> str:
     return verdict
 
 
-def markdown(table: dict) -> str:
-    """The table in Markdown, the study's numbers beside ours."""
+def markdown(table: dict, key: str = "rows") -> str:
+    """The table in Markdown, the study's numbers beside ours (``key``: ``rows`` or ``rows_more_folds``)."""
     def ms(v, d=3):
         if v is None or not np.isfinite(v[0]):
             return "-"
@@ -228,7 +231,7 @@ def markdown(table: dict) -> str:
     head = ("| row | DSC study | DSC ours | precision study | precision ours | recall study | recall ours | "
             "ROC AUC | AP | HD95 mm | ASSD mm | train CPU-min / fold | epochs | threshold | folds | note |")
     lines = [head, "|" + "---|" * 16]
-    for r in table["rows"]:
+    for r in table[key]:
         st = r.get("study", {})
         lines.append(
             f"| {r['label']} | {ms(st.get('dsc'))} | {ms(r['dsc'])} | {ms(st.get('precision'))} | "
@@ -251,6 +254,9 @@ def write_all(runs_dir: Path, results: Path, figures: Path) -> dict:
     f3, f4 = figure3(figures, runs_dir, table), figure4(figures, table)
     print(table["protocol_text"])
     print(markdown(table))
+    if table["rows_more_folds"]:
+        print("\nRows with more folds finished, over all of them (not the same subjects as the table above):")
+        print(markdown(table, "rows_more_folds"))
     print(f"written: {path}" + "".join(f", {p}" for p in (f3, f4) if p))
     return table
 
