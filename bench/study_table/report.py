@@ -165,7 +165,7 @@ def figure4(out: Path, table: dict) -> Path | None:
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("per subject (own grid)")
-    axes[0].legend(fontsize=8, loc="lower left")
+    axes[0].legend(fontsize=8, loc="center left")
     fig.suptitle(f"{table['protocol_text']}", fontsize=9)
     path = out / "study_fig4_boxes.png"
     _savefig(fig, path)
