@@ -125,6 +125,10 @@ def test_train_cancel_within_a_step_resume_and_hand_over(
     assert all(np.isfinite(h["loss"]) for h in outcome.history)
     assert outcome.test_dsc is not None and (fold_dir / "result.json").exists()
     assert widget.plot.epochs == [1, 2]
+    # the panel's curves are rendered off the GUI thread; the picture shown is the final history
+    assert widget.plot.live
+    qtbot.waitUntil(lambda: not widget.plot.rendering, timeout=TIMEOUT_MS)
+    assert widget.plot.shown.epochs == (1, 2) and widget.plot.renders >= 1
     assert not widget.resume_button.isEnabled()
 
     # ... and Segment Femur offers (and selects) it

@@ -301,6 +301,7 @@ class TrainFoldWidget(QWidget):
         self.command.setTextInteractionFlags(Qt.TextSelectableByMouse)
         self.command.setToolTip("The same run from a terminal")
         self.plot = TrainingCurvesCanvas(self.viewer, parent=self)
+        self.plot.live = True  # rendered off the GUI thread: a redraw stalled napari for 0.1-0.15 s
 
         data_box = QGroupBox("Training data", self)
         f = QFormLayout(data_box)
@@ -624,7 +625,7 @@ class TrainFoldWidget(QWidget):
             loss = f", loss {ev.loss:.4f}" if ev.loss is not None else ""
             self.status.setText(f"Fold {ev.fold}: epoch {ev.epoch}/{ev.epochs}, step {ev.step}/{ev.total}{loss}")
             self.plot.add_step(ev.epoch, ev.step, ev.total, ev.loss)
-            # a redraw costs the event loop about 0.1 s: at most one a second between epoch ends
+            # a picture costs the render thread 0.1-0.15 s of CPU: at most one a second between epoch ends
             now = time.monotonic()
             if ev.step == ev.total or now - self._last_step_draw >= 1.0:
                 self._last_step_draw = now

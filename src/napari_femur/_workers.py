@@ -6,7 +6,10 @@ napari :func:`~napari.qt.threading.thread_worker` wants a generator whose
 yields reach the GUI thread through the ``yielded`` signal. :func:`iter_progress`
 bridges the two: it runs the work in a helper thread and yields each event as
 it arrives, then returns the work's result (``worker.returned``) or re-raises
-its exception (``worker.errored``).
+its exception (``worker.errored``). :class:`LatestOnly` is a one-slot mailbox
+for work where only the newest request matters (e.g. redrawing a plot while
+progress events keep coming: requests made while one is being served collapse
+into the newest).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from femur_core.progress import CancelToken, ProgressEvent
 
-__all__ = ["iter_progress"]
+__all__ = ["iter_progress", "LatestOnly"]
 
 _DONE = object()
 
@@ -80,3 +83,70 @@ def iter_progress(
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+class LatestOnly:
+    """A one-slot mailbox between threads: :meth:`put` replaces what is waiting.
+
+    A consumer thread calls :meth:`take` and gets the newest item put since its
+    last take; items put meanwhile and never taken are dropped (coalesced). Made
+    for requests where only the latest state matters, such as a redraw of a plot
+    whose data keeps growing.
+
+    Attributes
+    ----------
+    dropped : int
+        How many items were replaced before being taken.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = _DONE  # _DONE: empty
+        self._closed = False
+        self.dropped = 0
+
+    @property
+    def pending(self) -> bool:
+        """Whether an item waits to be taken."""
+        with self._cond:
+            return self._item is not _DONE
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, item: Any) -> bool:
+        """Leave ``item`` for the consumer (replacing a waiting one); False once closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            if self._item is not _DONE:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify()
+            return True
+
+    def take(self, timeout: float | None = None) -> Any:
+        """Wait for the newest item and remove it.
+
+        Raises
+        ------
+        EOFError
+            The mailbox was closed (a waiting item is dropped).
+        TimeoutError
+            Nothing arrived within ``timeout`` seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._closed or self._item is not _DONE, timeout):
+                raise TimeoutError("nothing to take")
+            if self._closed:
+                raise EOFError("mailbox closed")
+            item, self._item = self._item, _DONE
+            return item
+
+    def close(self) -> None:
+        """Wake the consumer with EOFError; later puts are refused."""
+        with self._cond:
+            self._closed = True
+            self._item = _DONE
+            self._cond.notify_all()
