@@ -12,8 +12,10 @@ thread, so the measurement covers what the user sees. Goal: longest stall <= 100
 Prints the longest stall, the 99th percentile and the count above 100 ms, with the machine's
 load, and writes bench/results/responsiveness-<date>.json. ``--profile`` also says where the GUI
 thread was during the stalls over 100 ms (a watchdog thread samples its Python stack every 5 ms
-while the timer is late), how long each of the panel's handlers took, and when each stall came
-(seconds from Train, and the progress event before it).
+while the timer is late), how long each of the panel's handlers took, when each stall came
+(seconds from Train, and the progress event before it) and the garbage collections inside it
+(a full collection of the viewer's objects holds the interpreter lock for about 0.3 s, so the
+watchdog cannot sample during one).
 """
 
 from __future__ import annotations
@@ -83,8 +85,26 @@ def _where(stack: list[tuple[str, str, int]]) -> tuple[str, str]:
     return handler, fmt(*stack[-1]) if stack else "?"
 
 
+class GCWatch:
+    """Records Python's garbage collections (``gc.callbacks``): start time, duration, generation, thread."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[float, float, int, str]] = []
+        self._start: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        me = threading.get_ident()
+        if phase == "start":
+            self._start[me] = now
+        elif me in self._start:
+            t = self._start.pop(me)
+            self.runs.append((t, now - t, int(info.get("generation", -1)), threading.current_thread().name))
+
+
 def _profile_report(sampler: StallSampler, stalls_at: list[tuple[float, float]], events: list[tuple[float, str]],
-                    handler_s: dict[str, list[float]], t0: float, sample_ms: float = 5.0) -> dict:
+                    handler_s: dict[str, list[float]], t0: float, sample_ms: float = 5.0,
+                    gc_runs: list[tuple[float, float, int, str]] = ()) -> dict:
     """Attribute the samples to the stalls over the goal; summarise handlers and when stalls happen."""
     big = [(start, ms) for start, ms in stalls_at if ms > GOAL_MS]
     by_handler: Counter = Counter()
@@ -105,7 +125,10 @@ def _profile_report(sampler: StallSampler, stalls_at: list[tuple[float, float]],
     for start, ms in big:
         i = int(np.searchsorted(ev_t, start, side="right")) - 1
         last_ev = f"{events[i][1]} {1000 * (start - events[i][0]):.0f} ms before" if i >= 0 else "none yet"
-        timeline.append({"at_s": round(start - t0, 2), "stall_ms": round(ms, 1), "last_event": last_ev})
+        end = start + (ms + TICK_MS) / 1000.0
+        gc_ms = sum(1000 * d for t, d, _, _ in gc_runs if t < end and t + d > start)
+        timeline.append({"at_s": round(start - t0, 2), "stall_ms": round(ms, 1), "last_event": last_ev,
+                         "gc_ms_inside": round(gc_ms, 1)})
     handlers = {k: {"n": len(v), "total_ms": round(1000 * sum(v), 1), "max_ms": round(1000 * max(v), 1),
                     "mean_ms": round(1000 * sum(v) / len(v), 1)} for k, v in sorted(handler_s.items())}
     return {
@@ -116,6 +139,9 @@ def _profile_report(sampler: StallSampler, stalls_at: list[tuple[float, float]],
         "by_stack": by_stack.most_common(10),
         "handlers": handlers,
         "stalls_over_goal": timeline,
+        "gc": {f"generation {g}": {"n": sum(1 for r in gc_runs if r[2] == g),
+                                   "max_ms": round(1000 * max((r[1] for r in gc_runs if r[2] == g), default=0), 1)}
+               for g in (0, 1, 2)},
     }
 
 
@@ -162,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     timer = QTimer()
     timer.setInterval(TICK_MS)
     sampler = StallSampler() if args.profile else None
+    gc_watch = GCWatch()
+    if args.profile:
+        import gc
+
+        gc.callbacks.append(gc_watch)
     events: list[tuple[float, str]] = []  # (arrival, stage) of each progress event in the GUI thread
     handler_s: dict[str, list[float]] = {}  # seconds each GUI-thread handler took, by handler and stage
 
@@ -239,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if sampler is not None:
         tk = np.asarray(ticks)
         stalls_at = [(float(tk[i]), float(stalls[i])) for i in np.flatnonzero(stalls > 20)]
-        res["profile"] = prof = _profile_report(sampler, stalls_at, events, handler_s, t0)
+        res["profile"] = prof = _profile_report(sampler, stalls_at, events, handler_s, t0, gc_runs=gc_watch.runs)
         print(f"profile: {prof['samples_in_stalls_over_goal']} samples (every {prof['sample_ms']:.0f} ms) in the "
               f"stalls over {GOAL_MS:.0f} ms; where the GUI thread was (handler below the event loop):")
         for where, n in prof["by_handler"]:
@@ -252,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: n {h['n']}, mean {h['mean_ms']} ms, max {h['max_ms']} ms, total {h['total_ms']} ms")
         print("stalls over the goal (s from start, ms, the progress event before):")
         for st in prof["stalls_over_goal"]:
-            print(f"  {st['at_s']:7.2f} s  {st['stall_ms']:6.1f} ms  {st['last_event']}")
+            print(f"  {st['at_s']:7.2f} s  {st['stall_ms']:6.1f} ms  {st['last_event']}; "
+                  f"garbage collection inside: {st['gc_ms_inside']} ms")
+        print("garbage collections (this process, all threads): " + ", ".join(
+            f"{g}: {v['n']} (longest {v['max_ms']} ms)" for g, v in prof["gc"].items()))
     what = "no training" if args.baseline else f"training in the {res['training_in']}"
     print(f"{what}, {wall:.0f} s ({n_events[0]} progress events); GUI timer every {TICK_MS} ms: "
           f"longest stall {res['longest_stall_ms']} ms, 99th percentile {res['p99_stall_ms']} ms, "

@@ -11,7 +11,11 @@ from conftest import gui_import  # importorskip, but a failure under CI=true
 gui_import("pytestqt")
 gui_import("matplotlib")
 
-from napari_femur._workers import LatestOnly  # noqa: E402
+from napari_femur._workers import (  # noqa: E402
+    LatestOnly,
+    hold_long_lived_objects,
+    release_long_lived_objects,
+)
 
 WAIT_MS = 30_000
 
@@ -43,6 +47,32 @@ def test_latest_only_wakes_a_waiting_consumer():
     box.put(42)
     consumer.join(timeout=30)
     assert got == [42]
+
+
+def test_holding_long_lived_objects_freezes_them_until_the_last_release():
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    kept = [[] for _ in range(10)]  # objects made before the hold
+    hold_long_lived_objects()
+    frozen = gc.get_freeze_count()
+    assert frozen >= len(kept)
+    hold_long_lived_objects()  # nested (two panels training)
+    release_long_lived_objects()
+    assert gc.get_freeze_count() == frozen, "still held once"
+    release_long_lived_objects()
+    assert gc.get_freeze_count() == 0
+    release_long_lived_objects()  # one release too many does nothing
+    assert gc.get_freeze_count() == 0
+
+    gc.freeze()  # the application froze objects itself: left as they are
+    try:
+        before = gc.get_freeze_count()
+        hold_long_lived_objects()
+        release_long_lived_objects()
+        assert gc.get_freeze_count() == before
+    finally:
+        gc.unfreeze()
 
 
 def _colour_pixels(image, rgb, tol=12) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import numpy as np
@@ -81,6 +82,8 @@ def test_train_cancel_within_a_step_resume_and_hand_over(
     monkeypatch.setattr(tj, "iter_progress", gated_iter)
     events = []
     widget.progressed.connect(events.append)
+    frozen_while_training = []
+    widget.progressed.connect(lambda _ev: frozen_while_training.append(gc.get_freeze_count()))
     assert widget.start() is not None
     assert not widget.train_button.isEnabled() and widget.cancel_button.isEnabled()
     qtbot.waitUntil(first_step.is_set, timeout=TIMEOUT_MS)
@@ -91,6 +94,9 @@ def test_train_cancel_within_a_step_resume_and_hand_over(
 
     train_events = [e for e in events if e.stage == "train"]
     assert [(e.epoch, e.step) for e in train_events] == [(1, 1)], "no step ran after Cancel"
+    # the viewer's objects were left out of full garbage collections while training, and only then
+    assert frozen_while_training and min(frozen_while_training) > 0
+    assert gc.get_freeze_count() == 0
     assert train_events[0].total > 1 and train_events[0].loss is not None
     fold_dir = run_dir / "fold0"
     state = load_checkpoint(fold_dir / "last.pt")

@@ -83,6 +83,7 @@ from ._qt_utils import (
 )
 from ._session import session_models
 from ._train_job import TrainOutcome, TrainPlan, read_history, train_in_process, train_job
+from ._workers import hold_long_lived_objects, release_long_lived_objects
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
@@ -608,6 +609,9 @@ class TrainFoldWidget(QWidget):
                 "final": "the final model"}[plan.mode]
         self.status.setText(("Resuming" if resume else "Starting") + f" {what} in {plan.run_dir}…")
         self._sync_enabled()
+        # a full garbage collection of the viewer's objects stalls napari for about 0.3 s: while training,
+        # collections leave the objects that exist now alone (released in _on_finished)
+        hold_long_lived_objects()
         worker.start()
         return worker
 
@@ -657,6 +661,7 @@ class TrainFoldWidget(QWidget):
         self.status.setText(notify_error(exc, "Training failed"))
 
     def _on_finished(self) -> None:
+        release_long_lived_objects()
         self.worker = None
         self._cancel = None
         self.progress.setRange(0, 1)
