@@ -17,7 +17,10 @@ layout as ``python -m femur_core.cv --fold k``: ``config.json``,
 and holds the interpreter lock, which from a thread of the viewer's process
 stalled napari for up to half a second), relayed by a napari thread worker
 (:func:`napari_femur._train_job.train_in_process`). femur_core's progress events
-drive the progress bar and the live loss / validation-DSC plot; Cancel sets the
+drive the progress bar and the live loss / validation-DSC plot (rendered off the
+GUI thread, :attr:`~napari_femur._plots.TrainingCurvesCanvas.live`; while training,
+the viewer's objects are left out of full garbage collections,
+:func:`~napari_femur._workers.hold_long_lived_objects`); Cancel sets the
 cancel token (the child's too), so training stops before its next step and
 leaves a resumable ``last.pt``; Resume continues the same fold in the same
 folder. With ``separate_process = False`` training runs in the worker thread
