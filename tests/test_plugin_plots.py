@@ -170,18 +170,21 @@ def test_a_resized_live_plot_gets_a_picture_of_its_new_size(qtbot):
 @pytest.mark.gui
 def test_a_live_plot_deleted_while_it_renders_stays_quiet(qtbot, capfd, monkeypatch):
     """The picture of a plot whose widget Qt deleted meanwhile is dropped without a traceback, and its
-    render thread ends."""
+    render thread ends once the widget is gone."""
+    import gc
+
     import napari_femur._plots as plots
     from qtpy.QtWidgets import QWidget
 
     sip_delete = pytest.importorskip("qtpy.sip").delete
-    gate, entered = threading.Event(), threading.Event()
+    gate, entered, rendered = threading.Event(), threading.Event(), threading.Event()
     real_plot = plots._plot_curves
 
     def plot_curves(*args):
         entered.set()
         assert gate.wait(timeout=60)
         real_plot(*args)
+        rendered.set()
 
     holder = QWidget()
     plot = plots.TrainingCurvesCanvas(None, parent=holder)
@@ -191,8 +194,12 @@ def test_a_live_plot_deleted_while_it_renders_stays_quiet(qtbot, capfd, monkeypa
     thread = plot._render_thread
     sip_delete(holder)
     gate.set()
+    assert rendered.wait(timeout=30)
+    qtbot.wait(100)  # the finished picture reaches the GUI thread: dropped, the widget is gone
+    assert plot.renders == 0
+    del plot, holder
+    gc.collect()
     thread.join(timeout=30)
     assert not thread.is_alive()
-    qtbot.wait(50)
     err = capfd.readouterr().err
     assert "has been deleted" not in err and "Traceback" not in err, err

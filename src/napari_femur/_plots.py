@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -370,17 +371,48 @@ class _RenderRequest:
 
 
 class _Relay(QObject):
-    """Carries a finished picture from the render thread to the GUI thread (a queued signal)."""
+    """Carries finished pictures from render threads to the GUI thread (a queued signal).
 
-    rendered = Signal(object)  # (request, RGBA array or exception)
+    One for the process, made in the GUI thread and never deleted: a render
+    thread emits on it, never on a widget (a deleted widget's signal crashes
+    PyQt), and the picture goes to its canvas only while that still exists.
+    """
+
+    rendered = Signal(object)  # (weak reference to the canvas, request, RGBA array or exception)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rendered.connect(self._deliver)
+
+    def _deliver(self, payload: tuple) -> None:
+        ref, req, result = payload
+        canvas = ref()
+        if canvas is not None:
+            canvas._show_rendered(req, result)
 
 
-def _render_loop(requests: LatestOnly, deliver: Any) -> None:
-    """The render thread: draw each (newest) request on a figure of its own, hand the RGBA pixels over."""
+_RELAY: list[_Relay] = []
+
+
+def _gui_relay() -> _Relay:
+    if not _RELAY:
+        _RELAY.append(_Relay())
+    return _RELAY[0]
+
+
+def _render_loop(requests: LatestOnly, owner: "weakref.ref", relay: _Relay, idle_s: float = 2.0) -> None:
+    """The render thread: draw each (newest) request on a figure of its own, hand the RGBA pixels over.
+
+    Ends when ``requests`` is closed, or, once idle, when the owning canvas is gone.
+    """
     figure = a = b = None
     while True:
         try:
-            req = requests.take()
+            req = requests.take(timeout=idle_s)
+        except TimeoutError:
+            if owner() is None:
+                return
+            continue
         except EOFError:
             return
         try:
@@ -399,11 +431,7 @@ def _render_loop(requests: LatestOnly, deliver: Any) -> None:
             result: Any = np.asarray(figure.canvas.buffer_rgba()).copy()
         except Exception as exc:  # shown as "not drawn"; the next request tries again
             result = exc
-        try:
-            deliver(req, result)
-        except RuntimeError:  # the canvas was deleted meanwhile
-            requests.close()
-            return
+        relay.rendered.emit((owner, req, result))
 
 
 class TrainingCurvesCanvas(ThemedCanvas):
@@ -434,7 +462,6 @@ class TrainingCurvesCanvas(ThemedCanvas):
         self._live = False
         self._requests: LatestOnly | None = None
         self._render_thread: threading.Thread | None = None
-        self._relay: _Relay | None = None
         self._requested = 0  # serial of the newest render request
         self._shown_serial = 0
         self.renders = 0
@@ -518,14 +545,10 @@ class TrainingCurvesCanvas(ThemedCanvas):
 
     def _request_render(self) -> None:
         if self._requests is None:
-            requests = self._requests = LatestOnly()
-            self.destroyed.connect(lambda *_: requests.close())
-            # the thread never touches this widget: it emits on a parentless relay (emitting a deleted
-            # widget's own signal from a thread crashes PyQt); Qt drops the connection with the widget
-            relay = self._relay = _Relay()
-            relay.rendered.connect(self._show_rendered)
+            self._requests = LatestOnly()
+            # the thread holds no reference to this widget (a weak one) and never touches it
             self._render_thread = threading.Thread(
-                target=_render_loop, args=(requests, lambda req, res: relay.rendered.emit((req, res))),
+                target=_render_loop, args=(self._requests, weakref.ref(self), _gui_relay()),
                 name="femur-curves-render", daemon=True)
             self._render_thread.start()
         self._requested += 1
@@ -533,9 +556,8 @@ class TrainingCurvesCanvas(ThemedCanvas):
             self._requested, self.data(), dict(self.colors), tuple(float(v) for v in self.figure.get_size_inches()),
             float(self.figure.dpi), tuple(self.margins_px)))
 
-    def _show_rendered(self, payload: tuple) -> None:
+    def _show_rendered(self, req: _RenderRequest, result: Any) -> None:
         """GUI thread: show a picture the render thread made."""
-        req, result = payload
         if not _qt_alive(self) or not _qt_alive(self.canvas):
             return
         self._shown_serial = max(self._shown_serial, req.serial)
