@@ -75,3 +75,33 @@ def test_best_validation_dsc_skips_unvalidated_epochs():
     nan = float("nan")
     assert best_validation_dsc([{"val_dsc": nan}, {"val_dsc": 0.7}, {"val_dsc": nan}, {"val_dsc": 0.6}]) == 0.7
     assert np.isnan(best_validation_dsc([{"val_dsc": nan}])) and np.isnan(best_validation_dsc([]))
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error_and_keeps_the_finite_last_epoch(tmp_path, monkeypatch):
+    import pytest
+
+    import femur_core.training as training
+    from femur_core.errors import TrainingDiverged
+
+    subjects = load_subjects(find_subjects(write_cohort(tmp_path / "data", 4)))
+    real = training.get_loss
+    calls = {"n": 0, "poison_after": None}
+
+    def poisoned(*a, **kw):
+        fn = real(*a, **kw)
+
+        def loss(logits, target):
+            calls["n"] += 1
+            value = fn(logits, target)
+            after = calls["poison_after"]
+            return value * float("nan") if after is not None and calls["n"] > after else value
+        return loss
+
+    monkeypatch.setattr(training, "get_loss", poisoned)
+    train_model(subjects[:3], subjects[3:], _cfg().replace(max_epochs=1, min_epochs=1), tmp_path / "count")
+    calls.update(poison_after=calls["n"], n=0)  # the steps of one epoch: the second epoch's first loss is NaN
+    with pytest.raises(TrainingDiverged, match=r"loss nan at epoch 2, step 1 .*keeps the end of epoch 1.*--lr"):
+        train_model(subjects[:3], subjects[3:], _cfg(), tmp_path / "run")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    weights = [v for v in last["state_dict"].values() if v.is_floating_point()]
+    assert weights and all(torch.isfinite(v).all() for v in weights)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["FemurError", "InputError", "OutputExistsError", "ModelFileError", "Cancelled"]
+__all__ = ["FemurError", "InputError", "OutputExistsError", "ModelFileError", "Cancelled", "TrainingDiverged"]
 
 
 class FemurError(Exception):
@@ -48,3 +48,7 @@ class ModelFileError(FemurError):
 
 class Cancelled(FemurError):
     """Work stopped because its cancel token was set."""
+
+
+class TrainingDiverged(FemurError):
+    """The training loss became NaN or infinite; the run stopped before a step on it."""

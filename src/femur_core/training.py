@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import distributed as _dist
 from .checkpoint import load_checkpoint, load_weights_into, save_checkpoint
 from .data import Subject
-from .errors import Cancelled, InputError, ModelFileError
+from .errors import Cancelled, InputError, ModelFileError, TrainingDiverged
 from .inference import (autocast, memory_format, predict_array, resolve_amp, resolve_device, tile_plan,
                         to_format)
 from .volume_io import atomic_write_bytes
@@ -812,6 +812,18 @@ def _check_cancel_all(run: _Run) -> None:
         raise Cancelled("cancelled by the user")
 
 
+def _check_finite(run: _Run, state: TrainState, step: int, loss: torch.Tensor) -> None:
+    """Raise :class:`TrainingDiverged` (on every torchrun process at once) when the loss is NaN or
+    infinite, before its step: the weights and the ``last.pt`` of the previous epoch stay finite."""
+    bad = not bool(torch.isfinite(loss.detach()))
+    if _dist.reduce_flag(bad) if run.world > 1 else bad:
+        hint = ("; or --precision fp32 (bf16 3D convolutions gave NaN gradients on some CPUs)"
+                if run.amp is not None else "")
+        raise TrainingDiverged(
+            f"training diverged: loss {float(loss.detach())} at epoch {state.epoch + 1}, step {step + 1} "
+            f"({run.last_path} keeps the end of epoch {state.epoch}); try a lower --lr{hint}")
+
+
 def _train_epoch(run: _Run, state: TrainState, source: BatchSource, clock: _Clock) -> bool:
     """The steps of epoch ``state.epoch`` from ``state.step`` on; True when the budget ran out."""
     config = run.config
@@ -828,6 +840,7 @@ def _train_epoch(run: _Run, state: TrainState, source: BatchSource, clock: _Cloc
         loss = run.loss_fn(logits.float(), yb)
         if share_w != 1.0:
             loss = loss * share_w
+        _check_finite(run, state, step, loss)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         _set_lr(run.opt, config, clock, state.epoch + step / max(len(batches), 1), run.world)
