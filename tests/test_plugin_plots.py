@@ -203,3 +203,31 @@ def test_a_live_plot_deleted_while_it_renders_stays_quiet(qtbot, capfd, monkeypa
     assert not thread.is_alive()
     err = capfd.readouterr().err
     assert "has been deleted" not in err and "Traceback" not in err, err
+
+
+def test_reset_view_when_shown_survives_garbage_collection(qtbot):
+    """The view-reset event filter is kept by its widget: after a full garbage collection the first
+    Show still resets the view once (a collected wrapper once reached Qt as a stateless one)."""
+    import gc
+
+    from qtpy.QtWidgets import QWidget
+
+    from napari_femur._qt_utils import reset_view_when_shown
+
+    class FakeViewer:
+        layers = [object()]
+        resets = 0
+
+        def reset_view(self):
+            FakeViewer.resets += 1
+
+    widget = QWidget()
+    qtbot.addWidget(widget)
+    reset_view_when_shown(widget, FakeViewer())
+    gc.collect()
+    widget.show()
+    qtbot.waitUntil(lambda: FakeViewer.resets >= 1, timeout=2000)
+    widget.hide()
+    widget.show()
+    qtbot.wait(700)
+    assert FakeViewer.resets == 2  # one Show handled: the reset at once and the one 500 ms later

@@ -45,20 +45,26 @@ class _ResetOnShow(QObject):
         self._done = False
 
     def eventFilter(self, obj: Any, event: Any) -> bool:  # noqa: N802 - Qt API
-        if not self._done and event.type() == QEvent.Show:
-            self._done = True
-            # after the dock took its width from the canvas: the next turn of the event loop, and once
-            # more when napari's style sheet has resized the dock's contents
-            viewer = self._viewer
-            QTimer.singleShot(0, lambda: reset_view(viewer))
-            QTimer.singleShot(500, lambda: reset_view(viewer))
+        # a wrapper that PyQt made anew for the C++ filter (the first one collected) has no state: done
+        if getattr(self, "_done", True) or event.type() != QEvent.Show:
+            return False
+        self._done = True
+        # after the dock took its width from the canvas: the next turn of the event loop, and once
+        # more when napari's style sheet has resized the dock's contents
+        viewer = self._viewer
+        QTimer.singleShot(0, lambda: reset_view(viewer))
+        QTimer.singleShot(500, lambda: reset_view(viewer))
         return False
 
 
 def reset_view_when_shown(widget: QWidget, viewer: Any) -> None:
     """Reset ``viewer``'s view once ``widget`` is first shown: a new dock narrows the canvas,
     which would otherwise crop the scan at its edges until the user presses Home."""
-    widget.installEventFilter(_ResetOnShow(viewer, widget))
+    event_filter = _ResetOnShow(viewer, widget)
+    # the widget keeps the Python object: with only Qt's parent link, PyQt may collect the wrapper and
+    # hand the filter's events to a fresh one without its attributes (seen at viewer close in CI)
+    widget._femur_reset_on_show = event_filter
+    widget.installEventFilter(event_filter)
 
 
 def disable_missing_devices(combo: QComboBox) -> None:
