@@ -105,3 +105,11 @@ def test_a_nan_loss_stops_training_with_a_clear_error_and_keeps_the_finite_last_
     last = load_checkpoint(tmp_path / "run" / "last.pt")
     weights = [v for v in last["state_dict"].values() if v.is_floating_point()]
     assert weights and all(torch.isfinite(v).all() for v in weights)
+
+
+def test_an_epoch_end_event_says_whether_it_was_validated():
+    from femur_core.progress import ProgressEvent, Stage
+
+    assert ProgressEvent(Stage.EPOCH_END, val_dsc=0.8).validated
+    assert not ProgressEvent(Stage.EPOCH_END, val_dsc=float("nan")).validated
+    assert not ProgressEvent(Stage.EPOCH_END).validated

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import signal
@@ -97,8 +96,7 @@ class TqdmProgress:
         elif ev.stage is Stage.EPOCH_END:
             self.close()
             fold = f"fold {ev.fold} " if ev.fold is not None else ""
-            val = (f"  val DSC {ev.val_dsc:.4f}" if ev.val_dsc is not None and math.isfinite(ev.val_dsc)
-                   else "  (not validated)")
+            val = f"  val DSC {ev.val_dsc:.4f}" if ev.validated else "  (not validated)"
             print(f"{fold}epoch {ev.epoch}: loss {ev.loss:.4f}{val}", file=sys.stderr)
         elif ev.stage in (Stage.DONE, Stage.RESUME, Stage.INFO):
             self.close()

@@ -7,6 +7,7 @@ tqdm bar, the napari plugin one that yields to a thread worker. Work checks a
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,7 +82,8 @@ class ProgressEvent:
     loss : float or None
         Training loss (running mean over the epoch so far).
     val_dsc : float or None
-        Validation DSC at the end of an epoch.
+        Validation DSC at the end of an epoch (NaN or None for an epoch that
+        was not validated, ``TrainConfig.validate_every``; see :attr:`validated`).
     message : str
         Free text for a status line.
     """
@@ -98,6 +100,11 @@ class ProgressEvent:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage", Stage(self.stage))
+
+    @property
+    def validated(self) -> bool:
+        """Whether the event carries a validation DSC (an epoch end that was validated)."""
+        return self.val_dsc is not None and math.isfinite(self.val_dsc)
 
 
 ProgressCallback = Callable[[ProgressEvent], None]

@@ -37,7 +37,6 @@ corrected) labels layer back on the source grid as the next free
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 import time
@@ -643,8 +642,7 @@ class TrainFoldWidget(QWidget):
         elif ev.stage == "epoch_end":
             self.plot.add_epoch(ev.epoch, ev.loss, ev.val_dsc)
             self.plot.redraw()
-            val = (f"validation DSC {ev.val_dsc:.4f}" if ev.val_dsc is not None and math.isfinite(ev.val_dsc)
-                   else "not validated")
+            val = f"validation DSC {ev.val_dsc:.4f}" if ev.validated else "not validated"
             self.status.setText(f"Fold {ev.fold}: epoch {ev.epoch}: loss {ev.loss:.4f}, {val}")
         elif ev.stage == "fold_result":
             self._add_cv_row(json.loads(ev.message))
