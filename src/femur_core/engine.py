@@ -5,7 +5,9 @@ windows: the registry's :class:`~femur_core.models.Sampling` of the model,
 planned by :mod:`femur_core.tiling`), runs the plan with :func:`run_plan` (the
 one loop: cut, run, softmax, write back with weights, report progress, stop on
 cancel) and, with ``flip_tta``, averages with the prediction of the left-right
-mirrored volume. The caller's network is borrowed, never changed.
+mirrored volume. :func:`predict_box` runs the network over a box of the
+volume only (the later views of an ROI-restricted prediction,
+:mod:`femur_core.roi`). The caller's network is borrowed, never changed.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import torch
 
 from .models.registry import MODELS, ModelConfig, Sampling
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check_cancel, emit
+from .roi import Box, paste
 from .runtime import autocast, memory_format, to_format
 from .tiling import SamplingPlan, plan_slices, plan_tiles, plan_windows
 
-__all__ = ["predict_array", "sampling_plan", "run_plan"]
+__all__ = ["predict_array", "predict_box", "sampling_plan", "run_plan"]
 
 
 def sampling_plan(net: torch.nn.Module, model_config: ModelConfig, shape: tuple[int, int, int], *,
@@ -142,3 +145,25 @@ def predict_array(
             flipped = run_plan(net, plan, np.ascontiguousarray(vol[:, :, ::-1]), **kw)
             prob = 0.5 * (prob + flipped[:, :, ::-1])
     return np.ascontiguousarray(prob, dtype=np.float32)
+
+
+def predict_box(net: torch.nn.Module, model_config: ModelConfig, image: np.ndarray, box: Box, base: np.ndarray,
+                **kw) -> np.ndarray:
+    """Femur probability of ``image`` inside ``box`` (the network sees that crop only), ``base`` outside.
+
+    Parameters
+    ----------
+    net, model_config, image
+        As for :func:`predict_array`.
+    box : tuple of slice
+        The region to predict (:func:`femur_core.roi.roi_box`: aligned to the
+        network's pooling grid, with a margin for its context).
+    base : numpy.ndarray
+        The map of ``image``'s shape that is kept outside ``box``.
+    **kw
+        Options of :func:`predict_array` (device, amp, flip_tta, progress, cancel ...).
+    """
+    if base.shape != image.shape:
+        raise ValueError(f"base map {base.shape} and image {image.shape} differ in shape")
+    part = predict_array(net, model_config, np.ascontiguousarray(image[box]), **kw)
+    return paste(base, part, box)

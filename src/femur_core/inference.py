@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cleanup import body_midline, keep_largest_per_side, postprocess
-from .engine import predict_array
+from .engine import predict_array, predict_box
 from .model_loading import LoadedModel, load_model
 from .preprocess import Prepared, prepare
 from .progress import CancelToken, ProgressCallback
+from .roi import Box, box_fraction, roi_box, roi_margin
 from .runtime import (autocast, cpu_bf16_conv3d_training_is_faster, memory_format, resolve_amp, resolve_device,
                       to_format)
 from .tiling import TilePlan, tile_plan, window_plan
@@ -137,6 +138,9 @@ class ScanViews:
         ``"member<j>"`` / ``"member<j> flipped"`` per view.
     views : list of numpy.ndarray
         Each view's probability map on the model grid, when kept (``keep_views``); else empty.
+    roi : tuple of slice or None
+        The box (model grid) the views after the first predicted (ROI
+        restriction); None: every view ran over the whole volume.
     """
 
     image: Volume
@@ -144,12 +148,44 @@ class ScanViews:
     mean: np.ndarray
     names: list[str] = field(default_factory=list)
     views: list[np.ndarray] = field(default_factory=list)
+    roi: Box | None = None
 
     def prediction(self, threshold: float, cleanup: bool) -> Prediction:
         """The mean probability as a :class:`Prediction` on the scan's own grid."""
         prob_c = self.prepared.restore_canonical(self.mean)
         midline = body_midline(to_canonical(self.image)[0].data)
         return Prediction(prob_c, self.prepared.reorientation, midline, float(threshold), cleanup, self.image.source)
+
+
+Regions = dict  # flipped (bool) -> (first view's map, box), both in that view's frame
+
+
+def _roi_regions(first: np.ndarray, net, model_config, flip_tta: bool) -> Regions | None:
+    """Where the later views run: the first view's ROI in the scan's frame and, with flip
+    averaging, in the mirrored frame (aligned there); None: full passes (nothing found, or
+    the box is the whole volume)."""
+    div = tuple(net.divisor)
+    margin = roi_margin(div, model_config.in_slices)
+    align = div if len(div) == 3 else (1,) + div
+    box = roi_box(first, margin=margin, align=align)
+    if box is None or box_fraction(box, first.shape) >= 1.0:
+        return None
+    out = {False: (first, box)}
+    if flip_tta:
+        mirrored = np.ascontiguousarray(first[:, :, ::-1])
+        out[True] = (mirrored, roi_box(mirrored, margin=margin, align=align))
+    return out
+
+
+def _view(net, model_config, x: np.ndarray, flipped: bool, regions: Regions | None, kw: dict) -> np.ndarray:
+    """One view's map in the scan's frame: the network over ``x`` (mirrored if ``flipped``), in
+    its ROI only where ``regions`` says."""
+    if regions is None:
+        p = predict_array(net, model_config, x, **kw)
+    else:
+        base, box = regions[flipped]
+        p = predict_box(net, model_config, x, box, base, **kw)
+    return np.ascontiguousarray(p[:, :, ::-1]) if flipped else p
 
 
 def predict_views(
@@ -162,6 +198,7 @@ def predict_views(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     keep_views: bool = False,
+    roi: bool | None = None,
 ) -> ScanViews:
     """Run every view of ``model`` over a scan on the model grid (the pipeline of :func:`predict_volume`).
 
@@ -177,27 +214,37 @@ def predict_views(
         ``auto`` / ``cpu`` / ``cuda`` ...; ``auto`` / ``fp32`` / ``bf16``.
     keep_views : bool
         Keep every view's map (``ScanViews.views``), not only their mean.
+    roi : bool, optional
+        ROI restriction: the first view (member 0, not mirrored) runs over the
+        whole volume; every later view predicts only the box where the first
+        exceeds :data:`femur_core.roi.ROI_LEVEL` (grown and aligned by
+        :func:`femur_core.roi.roi_box`) and is the first view's map outside
+        it. Where the first view finds nothing, every view runs in full.
+        Default: the model's own setting (:attr:`LoadedModel.roi_restrict`).
     """
     image = check_image(image)
     dev = resolve_device(device)
     kw = dict(device=dev, amp=resolve_amp(precision, dev), progress=progress, cancel=cancel)
+    roi = model.roi_restrict if roi is None else bool(roi)
     prep = prepare(image, model.grid)
-    x = prep.image
-    x_flip = np.ascontiguousarray(x[:, :, ::-1]) if flip_tta else None
-    total, names, views = None, [], []
+    frames = {False: prep.image}
+    if flip_tta:
+        frames[True] = np.ascontiguousarray(prep.image[:, :, ::-1])
+    total, names, views, regions, first = None, [], [], None, True
     for j, net in enumerate(model.members):
-        a = predict_array(net, model.model_config, x, **kw)
-        member = [(f"member{j}", a)]
-        p_j = a
-        if flip_tta:
-            b = np.ascontiguousarray(predict_array(net, model.model_config, x_flip, **kw)[:, :, ::-1])
-            member.append((f"member{j} flipped", b))
-            p_j = np.ascontiguousarray(0.5 * (a + b), dtype=np.float32)
+        maps = []
+        for flipped, x in frames.items():
+            maps.append(_view(net, model.model_config, x, flipped, regions, kw))
+            if first and roi:
+                regions = _roi_regions(maps[0], net, model.model_config, flip_tta)
+            first = False
+        p_j = maps[0] if len(maps) == 1 else np.ascontiguousarray(0.5 * (maps[0] + maps[1]), dtype=np.float32)
         total = p_j if total is None else total + p_j
-        names += [name for name, _ in member]
+        names += [f"member{j}"] + ([f"member{j} flipped"] if flip_tta else [])
         if keep_views:
-            views += [v for _, v in member]
-    return ScanViews(image, prep, total / len(model.members), names, views)
+            views += maps
+    box = regions[False][1] if regions else None
+    return ScanViews(image, prep, total / len(model.members), names, views, box)
 
 
 def predict_volume(
@@ -211,6 +258,7 @@ def predict_volume(
     precision: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    roi: bool | None = None,
 ) -> Prediction:
     """Segment one scan: model grid, network, back to the source grid, threshold, cleanup.
 
@@ -227,6 +275,9 @@ def predict_volume(
         Default: the model's PRC-optimal threshold from its validation data.
     device, precision : str
         ``auto`` / ``cpu`` / ``cuda`` ...; ``auto`` / ``fp32`` / ``bf16``.
+    roi : bool, optional
+        Later views in the first view's region of interest only (see
+        :func:`predict_views`). Default: the model's own setting.
 
     Returns
     -------
@@ -235,5 +286,5 @@ def predict_volume(
     """
     flip_tta, cleanup, threshold = model.options(flip_tta, cleanup, threshold)
     views = predict_views(model, image, flip_tta=flip_tta, device=device, precision=precision, progress=progress,
-                          cancel=cancel)
+                          cancel=cancel, roi=roi)
     return views.prediction(threshold, cleanup)

@@ -21,6 +21,7 @@ from .errors import ModelFileError
 from .models.fuse import fold_batch_norm
 from .models.registry import MODELS, ModelConfig, ModelKind, build_model
 from .preprocess import GridSpec
+from .roi import ROI_DEFAULT
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -61,6 +62,13 @@ class LoadedModel:
     def cleanup(self) -> bool:
         """Inference default stored with the model: one component per hip side (``TrainConfig.cleanup``)."""
         return bool(self.train_config.get("cleanup", True))
+
+    @property
+    def roi_restrict(self) -> bool:
+        """Inference default stored with the model (``roi_restrict`` in its configuration, else
+        :data:`femur_core.roi.ROI_DEFAULT`): the views after the first predict only the region
+        of interest the first one found (:func:`femur_core.inference.predict_views`)."""
+        return bool(self.train_config.get("roi_restrict", ROI_DEFAULT))
 
     def options(self, flip_tta: bool | None = None, cleanup: bool | None = None,
                 threshold: float | None = None) -> tuple[bool, bool, float]:

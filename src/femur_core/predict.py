@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no left-right flip averaging (default: the model's own setting, TrainConfig.flip_tta)")
     ap.add_argument("--no-cleanup", action="store_true",
                     help="keep every connected component (default: the model's own setting, TrainConfig.cleanup)")
+    ap.add_argument("--roi-restrict", choices=["on", "off"],
+                    help="on: the first view (member 0) runs over the whole scan, the other views (members, "
+                         "mirror) only over the box where it found the femur; off: every view over the whole "
+                         "scan (default: the model's own setting, else on)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--format", default="nii.gz",
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             if "seg" in formats and not image.meta.get("dicom"):
                 raise InputError(p, "--format seg needs a DICOM input (a DICOM SEG references its source series)")
             opts = dict(flip_tta=False if args.no_tta else None, cleanup=False if args.no_cleanup else None,
-                        threshold=args.threshold,
+                        threshold=args.threshold, roi=None if args.roi_restrict is None else args.roi_restrict == "on",
                         device=args.device, precision=args.precision, progress=bar)
             if args.no_uncertainty:
                 pred, views = predict_volume(model, image, **opts), None

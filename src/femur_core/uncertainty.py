@@ -114,6 +114,7 @@ def predict_with_views(
     precision: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    roi: bool | None = None,
 ) -> ViewPrediction:
     """Segment a scan like :func:`femur_core.inference.predict_volume`, keeping the views apart.
 
@@ -122,11 +123,12 @@ def predict_with_views(
     :func:`femur_core.inference.predict_views`, so the mean of the views is the
     very probability map ``predict_volume`` returns; threshold and cleanup are
     the same too. ``flip_tta`` and ``cleanup`` default to the model's own
-    settings, as there.
+    settings, as there, and so does ``roi`` (ROI restriction of the views after the
+    first, :func:`femur_core.inference.predict_views`).
     """
     flip_tta, cleanup, thr = model.options(flip_tta, cleanup, threshold)
     run = predict_views(model, image, flip_tta=flip_tta, device=device, precision=precision, progress=progress,
-                        cancel=cancel, keep_views=True)
+                        cancel=cancel, keep_views=True, roi=roi)
     views_c = [run.prepared.restore_canonical(v) for v in run.views]
     score = scan_score(views_c, thr)
     unc = from_canonical(view_disagreement(views_c), run.prepared.reorientation)
