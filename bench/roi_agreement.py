@@ -7,7 +7,10 @@ after the first over the first view's ROI only (``roi=True``,
 :mod:`femur_core.roi`). Reports per subject: the box's share of the model-grid
 volume, the largest probability difference, the DSC of the two masks (the
 agreement), each mask's DSC against the reference mask, and the network time
-of both (in this process, not a timing benchmark: see bench/predict_time.py).
+of both (in this process, not a timing benchmark: see bench/predict_time.py). The
+masks are the model's own (cleanup: one component per hip side); the agreement is
+also given without cleanup (``predict --no-cleanup``), where stray specks outside the
+box keep the first view's probability.
 
 The default model was trained on all these subjects, so its DSC against the
 references is not an accuracy estimate; the point is the difference between
@@ -61,6 +64,7 @@ def subject_row(model, sid: str, data: Path, device: str) -> dict:
     part, run, t_roi = _one(model, image, True, device)
     box = run.roi
     m_full, m_roi = full.mask.data, part.mask.data
+    raw_full, raw_roi = full.mask_at(cleanup=False).data, part.mask_at(cleanup=False).data
     return {
         "subject": sid, "grid_zyx": list(run.prepared.image.shape),
         "box": None if box is None else [[s.start, s.stop] for s in box],
@@ -69,13 +73,15 @@ def subject_row(model, sid: str, data: Path, device: str) -> dict:
         "mask_voxels_differing": int(np.count_nonzero((m_full > 0) != (m_roi > 0))),
         "dsc_roi_vs_full": _dice(m_roi, m_full),
         "dsc_ref_full": _dice(m_full, ref), "dsc_ref_roi": _dice(m_roi, ref),
+        "no_cleanup_dsc_roi_vs_full": _dice(raw_roi, raw_full),
+        "no_cleanup_voxels_differing": int(np.count_nonzero((raw_full > 0) != (raw_roi > 0))),
         "views_s_full": t_full, "views_s_roi": t_roi,
     }
 
 
 def _summary(rows: list[dict]) -> dict:
     out = {}
-    for k in ("dsc_roi_vs_full", "dsc_ref_full", "dsc_ref_roi", "box_fraction", "max_abs_prob_diff",
+    for k in ("dsc_roi_vs_full", "no_cleanup_dsc_roi_vs_full", "dsc_ref_full", "dsc_ref_roi", "box_fraction", "max_abs_prob_diff",
               "views_s_full", "views_s_roi"):
         vals = [r[k] for r in rows]
         out[k] = {"min": min(vals), "mean": statistics.fmean(vals), "max": max(vals)}
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(f"{sid}: box {r['box_fraction']:.3f} of the volume, DSC roi/full {r['dsc_roi_vs_full']:.4f} "
               f"({r['mask_voxels_differing']} voxels differ, max prob diff {r['max_abs_prob_diff']:.3f}), "
+              f"without cleanup {r['no_cleanup_dsc_roi_vs_full']:.4f} ({r['no_cleanup_voxels_differing']} voxels); "
               f"vs reference full {r['dsc_ref_full']:.4f} roi {r['dsc_ref_roi']:.4f}; "
               f"views {r['views_s_full']:.1f} s -> {r['views_s_roi']:.1f} s", flush=True)
     summ = _summary(rows)

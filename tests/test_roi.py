@@ -193,6 +193,11 @@ def test_the_models_own_setting_applies_unless_overridden(monkeypatch):
     calls.clear()
     predict_volume(_model({"roi_restrict": True}), _scan(), device="cpu", precision="fp32", flip_tta=False)
     assert len(calls) == 2
+    calls.clear()  # without cleanup the model's setting does not apply (stray specks would stay unaveraged)
+    predict_volume(_model({"roi_restrict": True}), _scan(), device="cpu", precision="fp32", cleanup=False)
+    assert calls == []
+    predict_volume(_model({"roi_restrict": True}), _scan(), device="cpu", precision="fp32", cleanup=False, roi=True)
+    assert len(calls) == 5
 
 
 def test_predict_cli_passes_the_roi_flag(tmp_path, tiny_checkpoint, tiny_scan_pair, monkeypatch):

@@ -277,7 +277,8 @@ def predict_volume(
         ``auto`` / ``cpu`` / ``cuda`` ...; ``auto`` / ``fp32`` / ``bf16``.
     roi : bool, optional
         Later views in the first view's region of interest only (see
-        :func:`predict_views`). Default: the model's own setting.
+        :func:`predict_views`). Default: the model's own setting where
+        ``cleanup`` is on, else off (:meth:`LoadedModel.roi_for`).
 
     Returns
     -------
@@ -286,5 +287,5 @@ def predict_volume(
     """
     flip_tta, cleanup, threshold = model.options(flip_tta, cleanup, threshold)
     views = predict_views(model, image, flip_tta=flip_tta, device=device, precision=precision, progress=progress,
-                          cancel=cancel, roi=roi)
+                          cancel=cancel, roi=model.roi_for(cleanup, roi))
     return views.prediction(threshold, cleanup)

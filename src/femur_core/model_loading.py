@@ -70,6 +70,13 @@ class LoadedModel:
         of interest the first one found (:func:`femur_core.inference.predict_views`)."""
         return bool(self.train_config.get("roi_restrict", ROI_DEFAULT))
 
+    def roi_for(self, cleanup: bool, roi: bool | None = None) -> bool:
+        """ROI restriction of a prediction: ``roi`` where given, else :attr:`roi_restrict` where
+        the mask is cleaned up (one component per hip side). Without cleanup the first view's
+        stray specks outside the box would stay in the mask unaveraged (bench/README.md, "Time of
+        predict"), so it is off unless asked for."""
+        return bool(roi) if roi is not None else self.roi_restrict and bool(cleanup)
+
     def options(self, flip_tta: bool | None = None, cleanup: bool | None = None,
                 threshold: float | None = None) -> tuple[bool, bool, float]:
         """``(flip_tta, cleanup, threshold)`` for a prediction: each one given, else the model's own."""

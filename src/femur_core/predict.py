@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--roi-restrict", choices=["on", "off"],
                     help="on: the first view (member 0) runs over the whole scan, the other views (members, "
                          "mirror) only over the box where it found the femur; off: every view over the whole "
-                         "scan (default: the model's own setting, else on)")
+                         "scan (default: the model's own setting, else on; off with --no-cleanup)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--format", default="nii.gz",

@@ -123,12 +123,13 @@ def predict_with_views(
     :func:`femur_core.inference.predict_views`, so the mean of the views is the
     very probability map ``predict_volume`` returns; threshold and cleanup are
     the same too. ``flip_tta`` and ``cleanup`` default to the model's own
-    settings, as there, and so does ``roi`` (ROI restriction of the views after the
-    first, :func:`femur_core.inference.predict_views`).
+    settings, as there, and so does ``roi`` (with cleanup; ROI restriction of the views after the
+    first, :func:`femur_core.inference.predict_views`: outside its box every view is
+    the first one, so the disagreement there is 0).
     """
     flip_tta, cleanup, thr = model.options(flip_tta, cleanup, threshold)
     run = predict_views(model, image, flip_tta=flip_tta, device=device, precision=precision, progress=progress,
-                        cancel=cancel, keep_views=True, roi=roi)
+                        cancel=cancel, keep_views=True, roi=model.roi_for(cleanup, roi))
     views_c = [run.prepared.restore_canonical(v) for v in run.views]
     score = scan_score(views_c, thr)
     unc = from_canonical(view_disagreement(views_c), run.prepared.reorientation)
