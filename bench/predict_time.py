@@ -27,7 +27,7 @@ full passes does not depend on the weights, but the ROI of random weights is mea
 trained model for the ROI rows).
 
     python bench/predict_time.py --model /work/runs/final-crop [--peer-model M] [--scan S] [--reps 3]
-        [--batch 5]
+        [--batch 5] [--rows roi-on,roi-off,single]
 """
 
 from __future__ import annotations
@@ -170,6 +170,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(DATA), help="folder of real scans (subNN_image.nii.gz)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=5, help="scans in the one-command batch")
+    ap.add_argument("--rows", default="roi-on,roi-off,single", help="rows to time (default: all three)")
     ap.add_argument("--in-process", nargs=4, metavar=("MODEL", "SCAN", "OUT", "ROI"), help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
@@ -188,8 +189,10 @@ def main(argv=None) -> int:
         peer = args.peer_model or str(_make_models(tmp, 1))
         res.update(scan=Path(scans[0]).name, batch_scans=[Path(s).name for s in scans],
                    weights="trained" if args.model else "random (timing only)")
-        for name, model, roi in (("ours, ROI on", ours, True), ("ours, ROI off", ours, False),
-                                 ("single network", peer, False)):
+        rows = {"roi-on": ("ours, ROI on", ours, True), "roi-off": ("ours, ROI off", ours, False),
+                "single": ("single network", peer, False)}
+        for key in args.rows.split(","):
+            name, model, roi = rows[key]
             flags = ["--roi-restrict", "on" if roi else "off"]
             res["rows"][name] = _row(model, flags, roi, scans, args.reps, tmp)
             print(f"{name}: done", file=sys.stderr)

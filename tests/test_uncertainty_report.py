@@ -20,6 +20,11 @@ def test_view_disagreement_and_score_values():
     u = view_disagreement([a, b])
     assert u.max() == pytest.approx(1.0) and u[0, 0, 0] == pytest.approx(1.0) and u[1].max() == 0
     assert view_disagreement([a]).max() == 0
+    rng = np.random.default_rng(3)
+    six = [rng.random((3, 5, 7), dtype=np.float32) for _ in range(6)]
+    u6 = view_disagreement(six)
+    assert u6.dtype == np.float32 and u6.shape == (3, 5, 7) and u6.max() > 0.2
+    np.testing.assert_allclose(u6, np.clip(2 * np.std(np.stack(six), axis=0), 0, 1), rtol=0, atol=1e-6)
     same = np.full((2, 3, 4), 0.9, np.float32)
     assert scan_score([same, same], 0.5) == 0.0
     assert np.isnan(scan_score([same], 0.5))
