@@ -17,6 +17,7 @@ import io
 import json
 import platform
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ def _savefig(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def figure3(out: Path, runs_dir: Path, table: dict) -> Path | None:
+def figure3(out: Path, runs_dir: Path, table: dict, tag: str = "") -> Path | None:
     """Mean ROC and precision-recall curves of every run, AUC / AP (mean over folds) in the legend."""
     import matplotlib
 
@@ -136,13 +137,13 @@ def figure3(out: Path, runs_dir: Path, table: dict) -> Path | None:
                  "cleanup (one per model)", fontsize=9)
     a1.legend(fontsize=7, loc="lower right")
     a2.legend(fontsize=7, loc="lower left")
-    path = out / "study_fig3_curves.png"
+    path = out / f"study{_tagged(tag)}_fig3_curves.png"
     _savefig(fig, path)
     plt.close(fig)
     return path
 
 
-def figure4(out: Path, table: dict) -> Path | None:
+def figure4(out: Path, table: dict, tag: str = "") -> Path | None:
     """Box plots over subjects of DSC, precision and recall per row; the study's means as red diamonds."""
     import matplotlib
 
@@ -166,8 +167,8 @@ def figure4(out: Path, table: dict) -> Path | None:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("per subject (own grid)")
     axes[0].legend(fontsize=8, loc="center left")
-    fig.suptitle(f"{table['protocol_text']}", fontsize=9)
-    path = out / "study_fig4_boxes.png"
+    fig.suptitle(textwrap.fill(table["protocol_text"], 150), fontsize=9)
+    path = out / f"study{_tagged(tag)}_fig4_boxes.png"
     _savefig(fig, path)
     plt.close(fig)
     return path
@@ -180,7 +181,7 @@ def protocol_text(runs_dir: Path) -> str:
     d = json.loads(p.read_text())
     return (f"honest {d['folds']}-fold CV (fold seed {d['fold_seed']}, the same folds for every row), "
             f"{d['budget_cpu_minutes']:g} CPU-minutes of training per fold (1 thread, early-stopping validation "
-            f"included)")
+            f"included)" + (f"; every fold's command also given `{d['extra']}`" if d.get("extra") else ""))
 
 
 def build(runs_dir: Path) -> dict:
@@ -242,16 +243,25 @@ def markdown(table: dict, key: str = "rows") -> str:
     return "\n".join(lines)
 
 
-def write_all(runs_dir: Path, results: Path, figures: Path) -> dict:
-    """Build the table, write its JSON and both figures, print it."""
+def _tagged(tag: str) -> str:
+    """``_<tag>`` for a file name, or nothing."""
+    return f"_{tag}" if tag else ""
+
+
+def write_all(runs_dir: Path, results: Path, figures: Path, tag: str = "") -> dict:
+    """Build the table, write its JSON and both figures, print it.
+
+    ``tag`` names a variant protocol in the file names (``study-table-<tag>-<date>.json``,
+    ``study_<tag>_fig3_curves.png``), so that it does not overwrite the main table's files.
+    """
     table = build(runs_dir)
     if table["folds_used"] and table["protocol"] and len(table["folds_used"]) < table["protocol"]["folds"]:
         table["protocol_text"] += (f"; scored on fold(s) {', '.join(map(str, table['folds_used']))} only, the folds "
                                    "every row finished (the same subjects for every row)")
     results.mkdir(parents=True, exist_ok=True)
-    path = results / f"study-table-{table['date'][:10]}.json"
+    path = results / f"study-table{'-' + tag if tag else ''}-{table['date'][:10]}.json"
     path.write_text(json.dumps(table, indent=1) + "\n")
-    f3, f4 = figure3(figures, runs_dir, table), figure4(figures, table)
+    f3, f4 = figure3(figures, runs_dir, table, tag), figure4(figures, table, tag)
     print(table["protocol_text"])
     print(markdown(table))
     if table["rows_more_folds"]:
@@ -268,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs_dir", type=Path)
     ap.add_argument("--results", type=Path, default=Path(__file__).resolve().parents[1] / "results")
     ap.add_argument("--figures", type=Path, default=Path(__file__).resolve().parents[2] / "docs")
+    ap.add_argument("--tag", default="", help="name of a variant protocol, put in the output file names")
     args = ap.parse_args(argv)
-    write_all(args.runs_dir, args.results, args.figures)
+    write_all(args.runs_dir, args.results, args.figures, args.tag)
     return 0
 
 

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="write the table and figures from finished folds")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--figures", type=Path, default=REPO / "docs")
+    ap.add_argument("--tag", default="", help="name of a variant protocol (e.g. bn20), put in the names of the "
+                                             "results JSON and the figures so that they do not replace the main table's")
     args = ap.parse_args(argv)
     args.out = args.out.resolve()
     failed = []
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = run_all(args)
     from report import write_all
 
-    write_all(args.out, args.results, args.figures)
+    write_all(args.out, args.results, args.figures, args.tag)
     if failed:
         print("failed folds: " + ", ".join(failed), file=sys.stderr)
         return 1
