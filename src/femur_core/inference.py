@@ -230,14 +230,13 @@ def predict_views(
     frames = {False: prep.image}
     if flip_tta:
         frames[True] = np.ascontiguousarray(prep.image[:, :, ::-1])
-    total, names, views, regions, first = None, [], [], None, True
+    total, names, views, regions = None, [], [], None
     for j, net in enumerate(model.members):
         maps = []
         for flipped, x in frames.items():
             maps.append(_view(net, model.model_config, x, flipped, regions, kw))
-            if first and roi:
+            if roi and j == 0 and not flipped:  # the first view: the region of every later one
                 regions = _roi_regions(maps[0], net, model.model_config, flip_tta)
-            first = False
         p_j = maps[0] if len(maps) == 1 else np.ascontiguousarray(0.5 * (maps[0] + maps[1]), dtype=np.float32)
         total = p_j if total is None else total + p_j
         names += [f"member{j}"] + ([f"member{j} flipped"] if flip_tta else [])
