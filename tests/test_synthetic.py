@@ -8,7 +8,9 @@ from scipy import ndimage as ndi
 
 from femur_core.errors import OutputExistsError
 from femur_core.volume_io import read_pair
+from femur_core.data import find_subjects, load_subject
 from femur_core.synthetic import (
+    BONE_LABELS,
     GEOMETRIES,
     make_cohort,
     make_subject,
@@ -170,6 +172,43 @@ def test_make_cohort_writes_readable_pairs_and_refuses_overwrite(tmp_path):
     assert (tmp_path / "syn" / "sub02_femur.nii.gz").read_bytes() == before
     assert make_cohort(tmp_path / "syn", n=2, seed=2, geometry="tiny", overwrite=True) == ids
     assert (tmp_path / "syn" / "sub02_femur.nii.gz").read_bytes() != before
+
+
+def test_bone_map_holds_the_femur_mask_and_the_other_bones(dev_small):
+    image, mask, bones = make_subject(3, "dev", hips="both", downsample=4, bones=True)
+    # the image and mask do not depend on whether the bone map is asked for
+    np.testing.assert_array_equal(image.data, dev_small[0].data)
+    np.testing.assert_array_equal(mask.data, dev_small[1].data)
+    np.testing.assert_array_equal(bones.affine, image.affine)
+    assert bones.data.dtype == np.uint8 and bones.shape == image.shape
+    np.testing.assert_array_equal(bones.data == BONE_LABELS["femur"], mask.data > 0)
+    counts = np.bincount(bones.data.ravel(), minlength=5)
+    assert set(np.unique(bones.data)) <= set(BONE_LABELS.values())
+    # a whole-pelvis field of view holds ilium, spine and sacrum, each sizeable
+    for name in ("ilium", "spine", "sacrum"):
+        assert counts[BONE_LABELS[name]] > 100, name
+    # the ilia are beside the femurs (acetabulum): some ilium voxel within 3 voxels of a femur voxel
+    near = ndi.binary_dilation(mask.data > 0, iterations=3)
+    assert (near & (bones.data == BONE_LABELS["ilium"])).any()
+
+
+def test_make_cohort_with_bones_loads_as_label_maps(tmp_path):
+    make_cohort(tmp_path / "syn", n=2, seed=1, geometry="tiny", bones=True)
+    files = find_subjects(tmp_path / "syn")
+    assert [f.id for f in files] == ["sub01", "sub02"]
+    assert all(f.labels is not None and f.labels.name.endswith("_bones.nii.gz") for f in files)
+    subj = load_subject(files[0])
+    np.testing.assert_array_equal(subj.labels.data == 1, subj.mask.data > 0)
+    _, _, ref = make_subject(1000, "tiny", bones=True)
+    np.testing.assert_array_equal(subj.labels.data, ref.data)
+    # refuses before writing anything when a bone map is in the way
+    before = (tmp_path / "syn" / "sub02_bones.nii.gz").read_bytes()
+    (tmp_path / "syn" / "sub01_image.nii.gz").unlink()
+    (tmp_path / "syn" / "sub01_femur.nii.gz").unlink()
+    with pytest.raises(OutputExistsError):
+        make_cohort(tmp_path / "syn", n=2, seed=2, geometry="tiny", bones=True)
+    assert not (tmp_path / "syn" / "sub01_image.nii.gz").exists()
+    assert (tmp_path / "syn" / "sub02_bones.nii.gz").read_bytes() == before
 
 
 @pytest.mark.parametrize(

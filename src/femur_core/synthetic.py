@@ -48,6 +48,7 @@ from .errors import OutputExistsError
 from .volume import Volume
 
 __all__ = [
+    "BONE_LABELS",
     "GEOMETRIES",
     "make_subject",
     "make_cohort",
@@ -670,14 +671,39 @@ def _paint_structures(lab: np.ndarray, grid: _Grid, anat: _Anatomy) -> None:
         _paint_bone(lab, grid, anat.femurs[side])
 
 
-def _femur_mask(grid: _Grid, anat: _Anatomy, side: str) -> np.ndarray:
-    """Samples of ``grid`` that lie inside one femur."""
+def _bone_mask(grid: _Grid, bone: _Bone) -> np.ndarray:
+    """Samples of ``grid`` that lie inside ``bone`` (cortex included)."""
     mask = np.zeros(grid.shape, dtype=bool)
-    res = _bone_sdf(grid, anat.femurs[side])
+    res = _bone_sdf(grid, bone)
     if res is not None:
         sl, d, _ = res
         mask[sl] = d < 0
     return mask
+
+
+def _femur_mask(grid: _Grid, anat: _Anatomy, side: str) -> np.ndarray:
+    """Samples of ``grid`` that lie inside one femur."""
+    return _bone_mask(grid, anat.femurs[side])
+
+
+#: Values of the bone label map (:func:`make_subject` with ``bones=True``), the
+#: same as the development data's ``subNN_bones.nii.gz``.
+BONE_LABELS: dict[str, int] = {"background": 0, "femur": 1, "ilium": 2, "spine": 3, "sacrum": 4}
+
+
+def _bone_label_map(grid: _Grid, anat: _Anatomy, femur: np.ndarray) -> np.ndarray:
+    """Label map of the bones at the samples of ``grid`` (:data:`BONE_LABELS`).
+
+    The femur label is ``femur`` (the mask of the femurs in the field of view);
+    the other bones are painted under it, so a voxel on both keeps the femur.
+    """
+    lab = np.zeros(grid.shape, dtype=np.uint8)
+    lab[_bone_mask(grid, anat.spine)] = BONE_LABELS["spine"]
+    lab[_bone_mask(grid, anat.sacrum)] = BONE_LABELS["sacrum"]
+    for side in ("right", "left"):
+        lab[_bone_mask(grid, anat.pelvis[side])] = BONE_LABELS["ilium"]
+    lab[femur > 0] = BONE_LABELS["femur"]
+    return lab
 
 
 def _septa_fraction(field: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -873,7 +899,9 @@ def _pick_hips(rng: np.random.Generator, geo: dict, hips: str) -> str:
     return hips
 
 
-def make_subject(seed: int, geometry: str = "dev", hips: str = "random", downsample: int = 1) -> tuple[Volume, Volume]:
+def make_subject(
+    seed: int, geometry: str = "dev", hips: str = "random", downsample: int = 1, bones: bool = False
+) -> "tuple[Volume, Volume] | tuple[Volume, Volume, Volume]":
     """Generate one synthetic T1-weighted hip MRI and its exact femur mask.
 
     Parameters
@@ -892,6 +920,10 @@ def make_subject(seed: int, geometry: str = "dev", hips: str = "random", downsam
     downsample : int
         Divide the in-plane matrix by this (spacing multiplied by it); the
         slices are unchanged.
+    bones : bool
+        Also return a label map of the bones (:data:`BONE_LABELS`: 1 femur,
+        2 ilium, 3 spine, 4 sacrum), like the development data's
+        ``subNN_bones.nii.gz``; the image and mask are the same either way.
 
     Returns
     -------
@@ -902,6 +934,9 @@ def make_subject(seed: int, geometry: str = "dev", hips: str = "random", downsam
         uint8 0/1 mask of the femur(s) on the same grid (voxel centre inside the
         femur: head, neck, trochanters and shaft, cortex included).
         ``meta`` of both holds ``seed``, ``geometry``, ``hips`` and ``synthetic``.
+    bone_map : Volume
+        Only with ``bones=True``: uint8 label map on the same grid (voxel centre
+        inside the bone); its femur label equals ``mask``.
     """
     if geometry not in GEOMETRIES:
         raise ValueError(f"unknown geometry {geometry!r}; choose from {sorted(GEOMETRIES)}")
@@ -965,7 +1000,11 @@ def make_subject(seed: int, geometry: str = "dev", hips: str = "random", downsam
         mask[_femur_mask(centres, anat, s)] = 1
     meta = {"synthetic": True, "seed": int(seed), "geometry": geometry, "hips": side, "downsample": downsample}
     src = f"synthetic:{geometry}:seed{seed}"
-    return Volume(img, affine, src, dict(meta)), Volume(mask, affine.copy(), src + ":femur", dict(meta))
+    image, femur = Volume(img, affine, src, dict(meta)), Volume(mask, affine.copy(), src + ":femur", dict(meta))
+    if not bones:
+        return image, femur
+    bone_map = Volume(_bone_label_map(centres, anat, mask), affine.copy(), src + ":bones", dict(meta))
+    return image, femur, bone_map
 
 
 def make_cohort(
@@ -975,6 +1014,7 @@ def make_cohort(
     geometry: str = "dev",
     downsample: int = 1,
     overwrite: bool = False,
+    bones: bool = False,
 ) -> list[str]:
     """Write ``n`` synthetic subjects as ``subNN_image.nii.gz`` / ``subNN_femur.nii.gz``.
 
@@ -990,6 +1030,10 @@ def make_cohort(
         As in :func:`make_subject` (hips drawn at random per subject).
     overwrite : bool
         Replace existing files; otherwise refuse before writing anything.
+    bones : bool
+        Also write ``subNN_bones.nii.gz`` label maps (:data:`BONE_LABELS`), which
+        training uses for its "other bone" class (``aux_labels``), as with the
+        development data.
 
     Returns
     -------
@@ -1012,21 +1056,23 @@ def make_cohort(
 
     out = Path(out_dir)
     ids = [f"sub{i + 1:02d}" for i in range(int(n))]
+    kinds = ("image", "femur", "bones") if bones else ("image", "femur")
     if not overwrite:
         for sid in ids:
-            for kind in ("image", "femur"):
+            for kind in kinds:
                 if subject_file(out, sid, kind).exists():
                     raise OutputExistsError(subject_file(out, sid, kind))
     out.mkdir(parents=True, exist_ok=True)
     # the marker that says "synthetic" to recipe_for_data (the GUI then picks the quick recipe)
     marker = {"generator": "femur_core.synthetic.make_cohort", "n": int(n), "seed": int(seed),
-              "geometry": geometry, "downsample": int(downsample)}
+              "geometry": geometry, "downsample": int(downsample), "bones": bool(bones)}
     atomic_write_bytes(out / SYNTHETIC_MARKER, (json.dumps(marker, indent=2) + "\n").encode(), overwrite=True)
     for i, sid in enumerate(ids):
-        img, msk = make_subject(seed * 1000 + i, geometry=geometry, downsample=downsample)
-        img = img.with_data(np.clip(np.rint(img.data), 0, np.iinfo(np.int16).max).astype(np.int16))
+        vols = make_subject(seed * 1000 + i, geometry=geometry, downsample=downsample, bones=bones)
+        img = vols[0].with_data(np.clip(np.rint(vols[0].data), 0, np.iinfo(np.int16).max).astype(np.int16))
         write_volume(img, subject_file(out, sid, "image"), overwrite=overwrite)
-        write_volume(msk, subject_file(out, sid, "femur"), overwrite=overwrite, dtype=np.uint8)
+        for kind, vol in zip(kinds[1:], vols[1:]):
+            write_volume(vol, subject_file(out, sid, kind), overwrite=overwrite, dtype=np.uint8)
     return ids
 
 
