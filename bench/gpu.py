@@ -142,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         result["bf16_correctness"] = bf16_correctness(dev, model, val_p)
         print(json.dumps(result["bf16_correctness"]), flush=True)
     result["total_s"] = round(time.perf_counter() - t_start, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    from femur_core.volume_io import write_json
+    path = write_json(args.out / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json", result)
     print(f"written: {path}")
     return 0
 

@@ -8,7 +8,6 @@ Prints medians with min-max and writes bench/results/gui-speed-<date>.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -60,8 +59,8 @@ def main() -> int:
         print(f"{k:<20} median {1000 * s['median_s']:7.1f} ms ({1000 * s['min_s']:.1f}-{1000 * s['max_s']:.1f})"
               f"  goal <= {1000 * goal:.0f} ms")
     out = ROOT / "bench" / "results" / f"gui-speed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    from femur_core.volume_io import write_json
+    write_json(out, res, indent=2)
     print(f"written {out}")
     viewer.close()
     return 0

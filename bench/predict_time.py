@@ -197,8 +197,8 @@ def main(argv=None) -> int:
             res["rows"][name] = _row(model, flags, roi, scans, args.reps, tmp)
             print(f"{name}: done", file=sys.stderr)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"predict-time-{stamp}.json").write_text(json.dumps(res, indent=2))
+    from femur_core.volume_io import write_json
+    write_json(Path(args.out) / f"predict-time-{stamp}.json", res, indent=2)
     _print(res)
     return 0
 

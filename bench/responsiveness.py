@@ -21,7 +21,6 @@ watchdog cannot sample during one).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -294,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {res['loadavg_1min_before_after'][0]} -> {res['loadavg_1min_before_after'][1]} "
           f"on {res['cpus']} CPUs")
     out = ROOT / "bench" / "results" / f"responsiveness-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    from femur_core.volume_io import write_json
+    write_json(out, res, indent=2)
     print(f"written {out}")
     viewer.close()
     return 0

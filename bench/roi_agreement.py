@@ -25,7 +25,6 @@ Writes ``roi-agreement-<date>.json`` (per-subject numbers only, no voxel data).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -120,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "model": str(args.model), "data": str(data),
            "members": len(model.members), "flip_tta": model.flip_tta, "threshold": model.threshold,
            "rows": rows, "summary": summ, "command": " ".join(["python", *sys.argv])}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"roi-agreement-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(res, indent=1))
+    from femur_core.volume_io import write_json
+    path = write_json(Path(args.out) / f"roi-agreement-{time.strftime('%Y%m%d-%H%M%S')}.json", res)
     print(f"wrote {path}")
     return 0
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from femur_core.volume_io import write_json
 from femur_core.inference import autocast, predict_array
 from femur_core.metrics import dice
 from femur_core.models import build_model, default_config
@@ -450,9 +451,7 @@ def main(argv=None) -> int:
     for a, b, c in rows:
         print(f"{a:<{w}}  {b:>28}  {c}")
     out = Path(args.out or (tempfile.gettempdir() if args.quick else ROOT / "bench" / "results"))
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"speed-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(res, indent=2) + "\n")
+    path = write_json(out / f"speed-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M%S')}.json", res, indent=2)
     print(f"\nwritten {path} ({res['total_minutes']:.1f} min)")
     return 0
 

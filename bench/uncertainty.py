@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
            "within_fold_ranks_pooled": within,
            "minutes": (time.perf_counter() - t_all) / 60, "command": " ".join(["python", *sys.argv])}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        from femur_core.volume_io import write_json
+        write_json(args.json, out)
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from femur_core.errors import InputError, OutputExistsError
-from femur_core.volume_io import check_image, check_mask, read_volume, write_volume
+from femur_core.volume_io import check_image, check_mask, read_volume, write_json, write_volume
 from femur_core.inference import Prediction
 from femur_core.preprocess import GridSpec, prepare
 from femur_core.volume import (CANONICAL_AXCODES, Volume, affine_from_napari, from_canonical, napari_affine,
@@ -216,3 +216,30 @@ def test_subject_file_names_have_one_definition(tmp_path):
     assert next_subject_id(tmp_path) == "sub10"
     [s] = find_subjects(tmp_path)
     assert (s.id, s.image.name, s.mask.name, s.labels) == ("sub02", "sub02_image.nii.gz", "sub02_femur.nii.gz", None)
+
+
+def test_write_json_is_atomic_and_reads_back(tmp_path, monkeypatch):
+    import json
+    import pathlib
+
+    target = tmp_path / "results" / "run.json"  # the folder does not exist yet
+    obj = {"dsc": [0.91, 0.88], "path": pathlib.Path("/x/y"), "n": 3}
+    assert write_json(target, obj) == target
+    back = json.loads(target.read_text())
+    assert back == {"dsc": [0.91, 0.88], "path": "/x/y", "n": 3}
+    assert target.read_text().endswith("\n")
+    # a failure half-way leaves the previous file whole and no temporary file behind
+    before = target.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", boom)
+    with pytest.raises(OSError) as err:
+        write_json(target, {"dsc": [0.0]})
+    assert err.value.filename == str(target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["run.json"]
+    monkeypatch.undo()
+    with pytest.raises(OutputExistsError):
+        write_json(target, {}, overwrite=False)

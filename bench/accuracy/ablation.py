@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from femur_core.volume_io import write_json
 from femur_core.data import find_subjects, load_subjects
 from femur_core.inference import Prediction, load_model, predict_volume
 from femur_core.metrics import evaluate
@@ -135,9 +136,7 @@ def main(argv=None) -> int:
     res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "note": args.note, "baseline": base_name,
            "threshold": args.threshold if args.threshold is not None else "each run's own",
            "summary": summary, "details": details, "per_subject": table}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"ablation-accuracy-{time.strftime('%Y%m%d-%H%M')}.json"
-    path.write_text(json.dumps(res, indent=2))
+    path = write_json(Path(args.out) / f"ablation-accuracy-{time.strftime('%Y%m%d-%H%M')}.json", res, indent=2)
     head = f"{'row':34s} {'DSC':>13s} {'prec':>6s} {'recall':>6s} {'HD95 mm':>11s} {'ASSD':>5s} {'lowest':>13s} <0.90 {'paired gain (better)':>22s}"
     print(head)
     print("-" * len(head))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from femur_core.volume_io import write_json
 from femur_core.checkpoint import load_checkpoint
 
 
@@ -71,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['lowest_dsc']:.4f}, < 0.90: {s['below_0.90']}, threshold {row['threshold']:.3f}, members train on "
               f"{row['train_subjects']} subjects, epochs {row['epochs']}, minutes {row['minutes']}; paired {gain}")
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        f = out / f"oof-compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        f.write_text(json.dumps({"models": rows, "command": " ".join(sys.argv)}, indent=1))
+        f = write_json(Path(a.out) / f"oof-compare-{time.strftime('%Y%m%d-%H%M%S')}.json",
+                       {"models": rows, "command": " ".join(sys.argv)})
         print(f"wrote {f}")
     return 0
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import platform
 from pathlib import Path
 
 import torch
 
+from femur_core.volume_io import write_json
 from femur_core.loss import dice_cross_entropy
 from femur_core.models.registry import build_model, default_config
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "torch": torch.__version__}, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bf16-nan-{out['date'][:10]}.json"
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    path = write_json(args.out / f"bf16-nan-{out['date'][:10]}.json", out)
     print(f"written: {path}")
     return 0
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rows import ROWS, RUNS, STUDY_CURVES  # noqa: E402
 
+from femur_core.volume_io import write_json
 from femur_core.metrics import curves_from_counts  # noqa: E402
 
 METRICS = ("dsc", "precision", "recall", "specificity", "hd95_mm", "assd_mm")
@@ -258,9 +259,7 @@ def write_all(runs_dir: Path, results: Path, figures: Path, tag: str = "") -> di
     if table["folds_used"] and table["protocol"] and len(table["folds_used"]) < table["protocol"]["folds"]:
         table["protocol_text"] += (f"; scored on fold(s) {', '.join(map(str, table['folds_used']))} only, the folds "
                                    "every row finished (the same subjects for every row)")
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"study-table{'-' + tag if tag else ''}-{table['date'][:10]}.json"
-    path.write_text(json.dumps(table, indent=1) + "\n")
+    path = write_json(results / f"study-table{'-' + tag if tag else ''}-{table['date'][:10]}.json", table)
     f3, f4 = figure3(figures, runs_dir, table, tag), figure4(figures, table, tag)
     print(table["protocol_text"])
     print(markdown(table))

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from femur_core.volume_io import write_json
 from femur_core.inference import (autocast, cpu_bf16_conv3d_training_is_faster, memory_format, predict_array,
                                   tile_plan, to_format)
 from femur_core.loss import get_loss
@@ -93,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                "precision": pname, "train_step_cpu_s": train_step("2d", 64, 3, (3, plan.tile_in, plan.tile_in), amp)}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"study-step-costs-{time.strftime('%Y%m%d-%H%M')}.json"
-    path.write_text(json.dumps(res, indent=1) + "\n")
+    path = write_json(args.out / f"study-step-costs-{time.strftime('%Y%m%d-%H%M')}.json", res)
     print(f"written: {path}")
     return 0
 

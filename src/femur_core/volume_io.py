@@ -9,6 +9,7 @@ never over an existing file unless ``overwrite=True``.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import tempfile
@@ -25,6 +26,7 @@ __all__ = [
     "read_volume",
     "write_volume",
     "atomic_write_bytes",
+    "write_json",
     "check_image",
     "check_labels",
     "check_mask",
@@ -204,6 +206,33 @@ def atomic_write_bytes(path: "str | os.PathLike", payload: bytes, overwrite: boo
             exc.filename = str(p)  # name the target, not the temporary file
         raise
     return p
+
+
+def write_json(path: "str | os.PathLike", obj, indent: int = 1, overwrite: bool = True) -> Path:
+    """Write ``obj`` as JSON (numbers and strings; other objects as ``str``) atomically.
+
+    The benchmarks and reports write their results with this: a crash or a full
+    disk leaves the previous file (or none), never half a JSON document.
+
+    Parameters
+    ----------
+    path : path-like
+        Target file; its folder is created if missing.
+    obj
+        Anything ``json.dumps`` takes (objects it does not know become strings).
+    indent : int
+        JSON indentation.
+    overwrite : bool
+        Replace an existing file (default); otherwise refuse with
+        :class:`~femur_core.errors.OutputExistsError`.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    payload = (json.dumps(obj, indent=indent, default=str) + "\n").encode()
+    return atomic_write_bytes(path, payload, overwrite=overwrite)
 
 
 #: Storage step of written probability maps (uint8 with NIfTI scl_slope 1/255).
