@@ -38,6 +38,8 @@ TRAINER = "nnUNetTrainer_TimeBudget"
 FULL_PROTOCOL = (4, 30.0)
 
 sys.path.insert(0, str(HERE))
+import convergence  # noqa: E402  (bench/accuracy/convergence.py)
+import peer_plans  # noqa: E402  (bench/accuracy/peer_plans.py)
 import table  # noqa: E402  (bench/accuracy/table.py)
 
 
@@ -127,10 +129,21 @@ def score_masks(preds: dict[str, Path], files: dict) -> list[dict]:
 # ours
 # --------------------------------------------------------------------------------------------
 
+def ours_extra_args(args) -> list:
+    """femur_core.cv options beyond the recipe's defaults that the benchmark passes through."""
+    extra: list = []
+    if args.ours_ensemble is not None:
+        extra += ["--ensemble", args.ours_ensemble]
+    if args.budget_clock != "wall":
+        extra += ["--budget-clock", args.budget_clock]
+    return extra
+
+
 def run_ours(args, data: Path, work: Path, files: dict) -> dict:
     run = work / "ours"
+    extra = ours_extra_args(args)
     cmd = [sys.executable, "-m", "femur_core.cv", "--data", data, "--folds", args.folds,
-           "--budget-minutes", args.budget_minutes, "--out", run]
+           "--budget-minutes", args.budget_minutes, "--out", run, *extra]
     if (run / "config.json").exists():
         log(f"ours: resuming {run} (femur_core.cv refuses it if the recipe changed since; then remove that "
             f"folder or pass --work NEW)")
@@ -152,11 +165,13 @@ def run_ours(args, data: Path, work: Path, files: dict) -> dict:
                 a, b = r[k], by_id[r["subject"]][k]
                 if np.isfinite(a) and np.isfinite(b):
                     max_diff = max(max_diff, abs(a - b))
+        curve = convergence.ours_curve(run / f"fold{f['fold']}")
         folds.append({"fold": f["fold"], "test_subjects": f["test_subjects"],
                       "train_subjects": f["train_subjects"],
                       "early_stopping_subjects": f.get("early_stopping_subjects"),
                       "train_minutes": round(f["train_minutes"], 3), "epochs": f.get("epochs"),
-                      "stop_reason": f.get("stop_reason"), "threshold": f.get("threshold"), "subjects": rows})
+                      "stop_reason": f.get("stop_reason"), "threshold": f.get("threshold"),
+                      "budget_minutes": args.budget_minutes, "curve": curve, "subjects": rows})
     if max_diff > 1e-4:
         log(f"warning: ours re-scored from the mask files differs from femur_core.cv's report by up to {max_diff:.2g}")
     train = config.get("train", {})
@@ -166,7 +181,8 @@ def run_ours(args, data: Path, work: Path, files: dict) -> dict:
                        f"model {train.get('model', {}).get('name')}, protocol {config.get('protocol')}, "
                        f"default real-data recipe (cpu-2d)",
         "command": " ".join(["python -m femur_core.cv", "--data", str(data), "--folds", str(args.folds),
-                             "--budget-minutes", str(args.budget_minutes), "--out", str(run)]),
+                             "--budget-minutes", str(args.budget_minutes), "--out", str(run), *map(str, extra)]),
+        "budget_clock": args.budget_clock, "ensemble": train.get("ensemble"),
         "train_minutes_definition": "femur_core's training-loop clock (after the subjects are resampled "
                                     "to the model grid); the budget caps it",
         "wall_minutes_total": round(minutes, 2),
@@ -192,6 +208,15 @@ def _link(src: Path, dst: Path) -> None:
     dst.symlink_to(src.resolve())
 
 
+def peer_budget(args) -> float:
+    """The peer's per-fold budget: --peer-budget-minutes, else the same as ours."""
+    return args.peer_budget_minutes if args.peer_budget_minutes is not None else args.budget_minutes
+
+
+def peer_configuration(args) -> str:
+    return peer_plans.CPU_CONFIGURATION if args.peer_plans == "cpu" else "2d"
+
+
 def peer_env(args, nn: Path) -> dict:
     env = dict(os.environ)
     env.update({
@@ -200,7 +225,8 @@ def peer_env(args, nn: Path) -> dict:
         "nnUNet_n_proc_DA": str(args.peer_da_workers),  # nnU-Net's data-augmentation worker processes
         "nnUNet_def_n_proc": str(args.peer_np),
         "nnUNet_compile": "f",
-        "FEMUR_BENCH_BUDGET_MINUTES": str(args.budget_minutes),
+        "FEMUR_BENCH_BUDGET_MINUTES": str(peer_budget(args)),
+        "FEMUR_BENCH_BUDGET_CLOCK": args.budget_clock,
         "FEMUR_BENCH_ITERS_PER_EPOCH": str(args.peer_iters_per_epoch),
         "FEMUR_BENCH_VAL_ITERS": str(args.peer_val_iters),
         "FEMUR_BENCH_BATCH_SIZE": str(args.peer_batch_size or ""),
@@ -210,6 +236,23 @@ def peer_env(args, nn: Path) -> dict:
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONPATH", None)
     return env
+
+
+class PlansView:
+    """One configuration of nnU-Net plans with its inheritance resolved (a shallow update, as nnU-Net does)."""
+
+    def __init__(self, plans: dict, name: str):
+        confs = plans["configurations"]
+        chain, c = [], name
+        while c is not None:
+            chain.append(confs[c])
+            c = confs[c].get("inherits_from")
+        self.conf: dict = {}
+        for d in reversed(chain):
+            self.conf.update(d)
+
+    def get(self, key, default=None):
+        return self.conf.get(key, default)
 
 
 def run_peer(args, work: Path, files: dict, folds: list[list[str]]) -> dict:
@@ -227,52 +270,89 @@ def run_peer(args, work: Path, files: dict, folds: list[list[str]]) -> dict:
         "name": "Femur", "description": "proximal femurs (both sides, one label), napari-femur accuracy benchmark",
     }, indent=2))
     # 2. plan and preprocess (2d only), once per work folder
+    conf = peer_configuration(args)
     pre_done = nn / "preprocess.json"
     pre = json.loads(pre_done.read_text()) if pre_done.exists() else {}
+    # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0
+    plan_env = dict(env, nnUNet_n_proc_DA=str(max(1, args.peer_da_workers)))
+    if conf != "2d" and not pre:  # the edited plans only: fingerprint and plans, no 2d preprocessing
+        pre_done = nn / "plan.json"
+        pre = json.loads(pre_done.read_text()) if pre_done.exists() else {}
     if pre.get("subjects") == ids:
-        log(f"nnU-Net: preprocessing already done ({pre['minutes']:.1f} min)")
+        log(f"nnU-Net: planning/preprocessing already done ({pre['minutes']:.1f} min)")
     else:
-        minutes, peak = run_step(
-            ["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "-np", args.peer_np,
-             "-npfp", args.peer_np, "--verify_dataset_integrity"],
-            # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which refuses 0
-            dict(env, nnUNet_n_proc_DA=str(max(1, args.peer_da_workers))), "nnU-Net: plan and preprocess")
+        cmd = ["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "2d", "-np", args.peer_np,
+               "-npfp", args.peer_np, "--verify_dataset_integrity"]
+        if conf != "2d":
+            cmd.append("--no_pp")
+        minutes, peak = run_step(cmd, plan_env, "nnU-Net: plan" + (" and preprocess" if conf == "2d" else ""))
         pre = {"minutes": round(minutes, 2), "peak_rss_gib": peak, "subjects": ids}
         pre_done.write_text(json.dumps(pre))
+    plans_file = nn / "preprocessed" / DATASET / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    if conf != "2d":  # the plans edited to this CPU: our grid, patch, batch and network size
+        pre_cpu_done = nn / f"preprocess-{conf}.json"
+        pre_cpu = json.loads(pre_cpu_done.read_text()) if pre_cpu_done.exists() else {}
+        edited = peer_plans.add_cpu_configuration(plans, base="2d", name=conf)
+        if pre_cpu.get("subjects") == ids and plans["configurations"].get(conf) == edited["configurations"][conf]:
+            log(f"nnU-Net: {conf} preprocessing already done ({pre_cpu['minutes']:.1f} min)")
+        else:
+            plans_file.write_text(json.dumps(edited, indent=4))
+            plans = edited
+            log(f"nnU-Net: added configuration {conf} to {plans_file}: "
+                f"{json.dumps(peer_plans.describe(plans['configurations'][conf]))}")
+            minutes, peak = run_step(["nnUNetv2_preprocess", "-d", DATASET_ID, "-c", conf, "-np", args.peer_np],
+                                     plan_env, f"nnU-Net: preprocess {conf}")
+            pre_cpu = {"minutes": round(minutes, 2), "peak_rss_gib": peak, "subjects": ids}
+            pre_cpu_done.write_text(json.dumps(pre_cpu))
+        pre = {**pre, "minutes": round(pre["minutes"] + pre_cpu["minutes"], 2),
+               "peak_rss_gib": max(pre.get("peak_rss_gib") or 0, pre_cpu.get("peak_rss_gib") or 0)}
     # 3. OUR folds as nnU-Net's splits_final.json (train = the other folds, val = the fold)
     splits = [{"train": sorted(i for j, f in enumerate(folds) if j != k for i in f), "val": sorted(folds[k])}
               for k in range(len(folds))]
     splits_file = nn / "preprocessed" / DATASET / "splits_final.json"
     splits_file.write_text(json.dumps(splits, indent=2))
-    plans = json.loads((nn / "preprocessed" / DATASET / "nnUNetPlans.json").read_text())
-    c2d = plans["configurations"]["2d"]
+    if args.peer_prepare_only:
+        log("nnU-Net: --peer-prepare-only: planned and preprocessed; no training")
+        raise SystemExit(0)
+    c2d = PlansView(plans, conf)
     # 4. per fold: train under the budget, predict the fold's cases, score
+    budget = peer_budget(args)
     out_folds = []
-    fold_settings = {"budget_minutes": args.budget_minutes, "tta": bool(args.peer_tta),
+    fold_settings = {"budget_minutes": budget, "tta": bool(args.peer_tta),
                      "batch_size": args.peer_batch_size, "iters_per_epoch": args.peer_iters_per_epoch,
                      "val_iters": args.peer_val_iters, "da_workers": args.peer_da_workers}
-    for k, test_ids in enumerate(folds):
-        done = nn / f"fold{k}.json"
+    if conf != "2d" or args.budget_clock != "wall":  # keys only where they differ from older runs' records
+        fold_settings.update(configuration=conf, budget_clock=args.budget_clock)
+    # a run with other settings keeps its own records and results (e.g. a longer peer budget)
+    tag = "" if fold_settings.get("configuration", "2d") == "2d" and budget == args.budget_minutes \
+        else f"-{conf}-b{budget}"
+    results_root = nn / f"results{tag}"
+    env["nnUNet_results"] = str(results_root)
+    which = [k for k in range(len(folds)) if args.peer_folds is None or k in args.peer_folds]
+    for k in which:
+        test_ids = folds[k]
+        done = nn / f"fold{k}{tag}.json"
         if done.exists():
             r = json.loads(done.read_text())
             if r["test_subjects"] == sorted(test_ids) and r.get("settings") == fold_settings:
                 log(f"nnU-Net: fold {k} already done")
                 out_folds.append(r)
                 continue
-        fold_dir = nn / "results" / DATASET / f"{TRAINER}__nnUNetPlans__2d" / f"fold_{k}"
+        fold_dir = results_root / DATASET / f"{TRAINER}__nnUNetPlans__{conf}" / f"fold_{k}"
         if fold_dir.exists():
             shutil.rmtree(fold_dir)  # an interrupted earlier attempt: start the fold afresh
         train_min, train_peak = run_step(
-            ["nnUNetv2_train", DATASET_ID, "2d", k, "-tr", TRAINER, "-device", "cpu"], env,
-            f"nnU-Net: train fold {k} ({args.budget_minutes} min budget)")
+            ["nnUNetv2_train", DATASET_ID, conf, k, "-tr", TRAINER, "-device", "cpu"], env,
+            f"nnU-Net: train fold {k} ({budget} min budget, {args.budget_clock} clock, configuration {conf})")
         tb = json.loads((fold_dir / "time_budget.json").read_text())
-        pin, pout = nn / "predict_in" / f"fold_{k}", nn / "predictions" / f"fold_{k}"
+        pin, pout = nn / f"predict_in{tag}" / f"fold_{k}", nn / f"predictions{tag}" / f"fold_{k}"
         for d in (pin, pout):
             if d.exists():
                 shutil.rmtree(d)
         for sid in test_ids:
             _link(files[sid].image, pin / f"{sid}_0000.nii.gz")
-        cmd = ["nnUNetv2_predict", "-i", pin, "-o", pout, "-d", DATASET_ID, "-c", "2d", "-tr", TRAINER,
+        cmd = ["nnUNetv2_predict", "-i", pin, "-o", pout, "-d", DATASET_ID, "-c", conf, "-tr", TRAINER,
                "-f", k, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "0", "-nps", "0"]
         if not args.peer_tta:
             cmd.append("--disable_tta")
@@ -281,36 +361,52 @@ def run_peer(args, work: Path, files: dict, folds: list[list[str]]) -> dict:
         best = fold_dir / "checkpoint_best.pth"  # unused (we predict from checkpoint_final); 270 MB
         if best.exists():
             best.unlink()
+        # "train min": on the budget's clock, as ours reports it (CPU clock: the trainer loop's CPU
+        # minutes; wall clock: the wall clock around nnUNetv2_train, as before)
+        train_minutes = tb["loop_minutes"] if args.budget_clock == "cpu" else train_min
         r = {"fold": k, "test_subjects": sorted(test_ids), "train_subjects": splits[k]["train"],
-             "train_minutes": round(train_min, 3), "loop_minutes": round(tb["loop_minutes"], 3),
+             "train_minutes": round(train_minutes, 3), "train_wall_minutes": round(train_min, 3),
+             "loop_minutes": round(tb["loop_minutes"], 3), "loop_cpu_minutes": tb.get("loop_cpu_minutes"),
+             "loop_wall_minutes": tb.get("loop_wall_minutes"), "budget_minutes": budget,
              "epochs": tb["epochs"], "iterations": tb["iterations"], "stop_reason": tb["stop_reason"],
              "best_ema_pseudo_dice": tb.get("best_ema_pseudo_dice"),
+             "last_ema_pseudo_dice": tb.get("last_ema_pseudo_dice"),
+             "torch_threads": tb.get("torch_threads"),
              "predict_minutes": round(pred_min, 2), "peak_rss_gib_train": train_peak,
-             "peak_rss_gib_predict": pred_peak, "settings": fold_settings, "subjects": rows}
+             "peak_rss_gib_predict": pred_peak, "settings": fold_settings,
+             "curve": convergence.peer_curve(fold_dir / "time_budget.json"), "subjects": rows}
         done.write_text(json.dumps(r, indent=2))
         out_folds.append(r)
         log(f"nnU-Net: fold {k}: DSC {np.mean([s['dsc'] for s in rows]):.4f} ({tb['iterations']} iterations "
-            f"in {tb['epochs']} epochs, {train_min:.1f} min)")
+            f"in {tb['epochs']} epochs, {train_minutes:.1f} {args.budget_clock} min)")
     peer_version = subprocess.run([str(PEER_BIN / "python"), "-c",
                                    "import importlib.metadata as m, torch; print(m.version('nnunetv2'), torch.__version__)"],
                                   capture_output=True, text=True).stdout.split()
     return {
         "system": "nnU-Net",
         "description": f"nnU-Net v2 {peer_version[0] if peer_version else '?'} (torch "
-                       f"{peer_version[1] if len(peer_version) > 1 else '?'}), 2d configuration, CPU, "
-                       f"{TRAINER} (nnUNetTrainer + wall-clock budget)",
-        "train_minutes_definition": "wall clock around nnUNetv2_train (process start to exit); the budget caps "
-                                    "the trainer's own loop (loop_minutes), as femur_core's budget does",
+                       f"{peer_version[1] if len(peer_version) > 1 else '?'}), {conf} configuration"
+                       f"{' (plans edited to this CPU: our grid, patch, batch and network size)' if conf != '2d' else ''}"
+                       f", CPU, {TRAINER} (nnUNetTrainer + {args.budget_clock}-clock budget)",
+        "train_minutes_definition": (
+            "CPU minutes of the trainer's loop (time.process_time of the training process, data augmentation "
+            "in it: nnUNet_n_proc_DA=0), the clock the budget caps, as femur_core's --budget-clock cpu"
+            if args.budget_clock == "cpu" else
+            "wall clock around nnUNetv2_train (process start to exit); the budget caps "
+            "the trainer's own loop (loop_minutes), as femur_core's budget does"),
+        "budget_minutes": budget, "budget_clock": args.budget_clock,
+        "plans": args.peer_plans, "configuration_settings": peer_plans.describe(c2d.conf),
         "preprocessing_minutes": pre["minutes"],
         "preprocessing_peak_rss_gib": pre.get("peak_rss_gib"),
         "settings": {
-            "configuration": "2d", "trainer": TRAINER, "checkpoint": "checkpoint_final.pth",
+            "configuration": conf, "trainer": TRAINER, "checkpoint": "checkpoint_final.pth",
             "tta_mirroring": bool(args.peer_tta), "iterations_per_epoch": args.peer_iters_per_epoch,
             "val_iterations_per_epoch": args.peer_val_iters, "nnUNet_n_proc_DA": args.peer_da_workers,
             "patch_size": c2d.get("patch_size"), "batch_size": args.peer_batch_size or c2d.get("batch_size"),
             "batch_size_from_plans": args.peer_batch_size is None,
             "spacing": c2d.get("spacing"), "normalization": c2d.get("normalization_schemes"),
             "lr_schedule": "poly (exponent 0.9) over the elapsed share of the budget, from 1e-2",
+            "budget_clock": args.budget_clock,
             "torch_threads": os.environ.get("OMP_NUM_THREADS") or os.cpu_count(),
         },
         "folds": out_folds,
@@ -336,10 +432,32 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-val-iters", type=int, default=1)
     ap.add_argument("--peer-batch-size", type=int,
                     help="replace the batch size of nnU-Net's plans (default: keep it; a CPU concession, recorded)")
+    ap.add_argument("--budget-clock", choices=["wall", "cpu"], default="wall",
+                    help="what the per-fold budget counts, for both systems: wall clock (default) or the "
+                         "training process's CPU time (ours: femur_core.cv --budget-clock cpu; the peer: "
+                         "FEMUR_BENCH_BUDGET_CLOCK=cpu, use with --peer-da-workers 0)")
+    ap.add_argument("--ours-ensemble", type=int,
+                    help="femur_core.cv --ensemble N (default: the recipe's; 1 = one member of it per fold)")
+    ap.add_argument("--peer-plans", choices=["default", "cpu"], default="default",
+                    help="nnU-Net's own plans (2d configuration; default) or the plans edited to this CPU: a "
+                         "configuration 2d_cpu with our grid (1.8 mm in-plane), patch 128 x 128, batch 4 and a "
+                         "5-stage U-Net with 24-384 features (bench/accuracy/peer_plans.py)")
+    ap.add_argument("--peer-budget-minutes", type=float,
+                    help="the peer's per-fold budget when it differs from ours (default: --budget-minutes); "
+                         "its records and results are kept apart from the equal-budget run's")
+    ap.add_argument("--peer-folds", type=int, nargs="+",
+                    help="train and predict the peer on these folds only (default: all); the table says so")
+    ap.add_argument("--peer-prepare-only", action="store_true",
+                    help="plan and preprocess the peer's data (needs our splits.json), then stop")
     args = ap.parse_args(argv)
     args.peer_tta = args.peer_tta == "on"
     if args.budget_minutes == int(args.budget_minutes):
         args.budget_minutes = int(args.budget_minutes)
+    if args.peer_budget_minutes is not None and args.peer_budget_minutes == int(args.peer_budget_minutes):
+        args.peer_budget_minutes = int(args.peer_budget_minutes)
+    if args.budget_clock == "cpu" and not args.skip_peer and args.peer_da_workers != 0:
+        log("warning: --budget-clock cpu with --peer-da-workers > 0: the peer's augmentation workers' CPU time is "
+            "not counted (use --peer-da-workers 0)")
 
     data = Path(args.data)
     if not data.is_dir():
@@ -360,11 +478,17 @@ def main(argv=None) -> int:
         files = {f.id: f for f in find_subjects(sub)}
         data = sub
     full = (args.folds, float(args.budget_minutes)) == FULL_PROTOCOL and not args.subset
-    systems = "ours" if args.skip_peer else "ours and nnU-Net v2 (2d, CPU)"
-    protocol = (f"{args.folds}-fold CV x {args.budget_minutes} min training per fold on {len(files)} subjects, "
+    systems = "ours" if args.skip_peer else f"ours and nnU-Net v2 ({peer_configuration(args)}, CPU)"
+    clock = "" if args.budget_clock == "wall" else f" {args.budget_clock}"
+    protocol = (f"{args.folds}-fold CV x {args.budget_minutes}{clock} min training per fold on {len(files)} subjects, "
                 f"{systems}" + ("" if full else f"; SHRUNK (the full protocol is {FULL_PROTOCOL[0]} folds x "
                                                  f"{FULL_PROTOCOL[1]:.0f} min per fold)")
                 + (f"; SMOKE subset of {args.subset} subjects" if args.subset else ""))
+    if not args.skip_peer and peer_budget(args) != args.budget_minutes:
+        protocol += (f"; the peer given {peer_budget(args)}{clock} min per fold "
+                     f"({peer_budget(args) / args.budget_minutes:g} x ours)")
+    if not args.skip_peer and args.peer_folds is not None:
+        protocol += f"; the peer on fold(s) {', '.join(map(str, args.peer_folds))} only"
     n_sys = 1 if args.skip_peer else 2
     log(f"protocol: {protocol}")
     log(f"training alone: {args.folds} x {args.budget_minutes} min x {n_sys} = "
@@ -372,22 +496,31 @@ def main(argv=None) -> int:
     log(f"work folder: {work}")
     t0 = time.monotonic()
 
+    if args.peer_prepare_only:  # our folds must exist already (our run makes them first)
+        folds = json.loads((work / "ours" / "splits.json").read_text())["folds"]
+        run_peer(args, work, files, folds)
     ours = run_ours(args, data, work, files)
     (work / "results-ours.json").write_text(json.dumps(ours, indent=2))
     folds = json.loads((work / "ours" / "splits.json").read_text())["folds"]
     peer = None
     if not args.skip_peer:
         peer = run_peer(args, work, files, folds)
-        (work / "results-nnunet.json").write_text(json.dumps(peer, indent=2))
+        tag = "" if peer["plans"] == "default" and peer["budget_minutes"] == args.budget_minutes \
+            else f"-{peer_configuration(args)}-b{peer['budget_minutes']}"
+        (work / f"results-nnunet{tag}.json").write_text(json.dumps(peer, indent=2))
 
     meta = {"protocol": protocol, "folds": args.folds, "budget_minutes": args.budget_minutes,
+            "budget_clock": args.budget_clock, "ours_ensemble": args.ours_ensemble,
+            "peer_plans": None if args.skip_peer else args.peer_plans,
+            "peer_budget_minutes": None if args.skip_peer else peer_budget(args),
             "full_protocol": full, "subset": args.subset, "n_subjects": len(files),
             "data": str(Path(args.data).resolve()), "splits": folds,
             "total_wall_minutes": round((time.monotonic() - t0) / 60, 1),
             "command": "bash bench/accuracy/run.sh " + " ".join(sys.argv[1:])}
     result = table.build(ours, peer, meta)
     out = table.write_json(result, Path(args.results) if not args.subset else work)  # before printing
-    (work / "accuracy.json").write_text(json.dumps(result, indent=2))
+    (work / ("accuracy.json" if peer is None or not tag else f"accuracy{tag}.json")).write_text(
+        json.dumps(result, indent=2))
     print(table.format_text(result))
     print(f"results: {out}")
     return 0

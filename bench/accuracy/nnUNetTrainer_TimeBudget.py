@@ -25,6 +25,14 @@ with four changes, all for a CPU under a fixed per-fold time budget:
   unless ``FEMUR_BENCH_NNUNET_VALIDATION=1``: the benchmark predicts the fold's cases with
   ``nnUNetv2_predict`` and scores them with femur_core's metrics instead.
 
+``FEMUR_BENCH_BUDGET_CLOCK`` says what the budget counts: ``wall`` (default, ``time.monotonic``) or
+``cpu``, the CPU time of the training process (``time.process_time``, all its threads), as
+femur_core's ``--budget-clock cpu`` does; with ``cpu``, run with ``nnUNet_n_proc_DA=0`` so that the
+data augmentation runs in this process (nnU-Net then uses a single-threaded augmenter) and its
+CPU time is counted too. The per-epoch training loss, validation loss and pseudo-Dice, with the
+budget clock, the wall clock and the CPU clock at each epoch's end, go to ``time_budget.json``
+(``curve``) for the benchmark's loss-curve figure and convergence rule.
+
 ``FEMUR_BENCH_BATCH_SIZE`` (unset by default) replaces the plans' batch size, an optional CPU
 concession that the benchmark records when used. ``OMP_NUM_THREADS``, when set, caps torch's CPU threads (``nnUNetv2_train -device cpu`` otherwise
 uses every core). A summary (iterations, epochs, loop seconds, stop reason) goes to
@@ -40,6 +48,9 @@ import time
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
 
 class _TimePolyLR:
@@ -68,7 +79,13 @@ class nnUNetTrainer_TimeBudget(nnUNetTrainer):
         self.num_iterations_per_epoch = int(os.environ.get("FEMUR_BENCH_ITERS_PER_EPOCH", "10"))
         self.num_val_iterations_per_epoch = int(os.environ.get("FEMUR_BENCH_VAL_ITERS", "1"))
         self.num_epochs = 100_000
+        self.budget_clock = os.environ.get("FEMUR_BENCH_BUDGET_CLOCK", "wall")
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise ValueError(f"FEMUR_BENCH_BUDGET_CLOCK={self.budget_clock!r}: choose wall or cpu")
+        self._now = BUDGET_CLOCKS[self.budget_clock]
         self._t0: float | None = None
+        self._wall0 = self._cpu0 = 0.0
+        self.curve: list[dict] = []
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads and self.device.type == "cpu":
             torch.set_num_threads(max(1, int(threads)))
@@ -80,7 +97,19 @@ class nnUNetTrainer_TimeBudget(nnUNetTrainer):
 
     # -- the budget ---------------------------------------------------------------------------
     def elapsed_s(self) -> float:
-        return 0.0 if self._t0 is None else time.monotonic() - self._t0
+        return 0.0 if self._t0 is None else self._now() - self._t0
+
+    def _clocks_min(self) -> dict:
+        return {"clock_minutes": round(self.elapsed_s() / 60, 4),
+                "wall_minutes": round((time.monotonic() - self._wall0) / 60, 4),
+                "cpu_minutes": round((time.process_time() - self._cpu0) / 60, 4)}
+
+    def _log_value(self, key: str):
+        try:
+            v = self.logger.get_value(key, step=-1)
+            return None if v is None else float(v)
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
 
     def budget_fraction(self) -> float:
         return self.elapsed_s() / self.budget_s if self.budget_s > 0 else 1.0
@@ -90,7 +119,7 @@ class nnUNetTrainer_TimeBudget(nnUNetTrainer):
         return optimizer, _TimePolyLR(optimizer, self.initial_lr, self)
 
     def run_training(self):
-        self._t0 = time.monotonic()
+        self._t0, self._wall0, self._cpu0 = self._now(), time.monotonic(), time.process_time()
         self.on_train_start()
         stop_reason, iterations, epochs = "num_epochs", 0, 0
         for _ in range(self.current_epoch, self.num_epochs):
@@ -115,14 +144,21 @@ class nnUNetTrainer_TimeBudget(nnUNetTrainer):
                 self.on_validation_epoch_end(val_outputs)
             self.on_epoch_end()
             epochs += 1
+            self.curve.append({"epoch": epochs, "iterations": iterations, **self._clocks_min(),
+                               "train_loss": self._log_value("train_losses"),
+                               "val_loss": self._log_value("val_losses"),
+                               "ema_pseudo_dice": self._log_value("ema_fg_dice")})
             if over:
                 stop_reason = "time_budget"
                 break
         loop_s = self.elapsed_s()
+        loop_clocks = self._clocks_min()
         self.on_train_end()
         if self.local_rank == 0:
             summary = {
-                "budget_minutes": self.budget_s / 60, "loop_minutes": loop_s / 60,
+                "budget_minutes": self.budget_s / 60, "budget_clock": self.budget_clock,
+                "loop_minutes": loop_s / 60, "loop_wall_minutes": loop_clocks["wall_minutes"],
+                "loop_cpu_minutes": loop_clocks["cpu_minutes"],
                 "with_final_checkpoint_minutes": self.elapsed_s() / 60, "stop_reason": stop_reason,
                 "epochs": epochs, "iterations": iterations,
                 "iterations_per_epoch": self.num_iterations_per_epoch,
@@ -133,6 +169,8 @@ class nnUNetTrainer_TimeBudget(nnUNetTrainer):
                 "n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
                 "best_ema_pseudo_dice": float(self._best_ema) if self._best_ema is not None else None,
                 "last_ema_pseudo_dice": float(self.logger.get_value("ema_fg_dice", step=-1)) if epochs else None,
+                "configuration": self.configuration_name,
+                "curve": self.curve,
             }
             with open(os.path.join(self.output_folder, "time_budget.json"), "w") as f:
                 json.dump(summary, f, indent=2)

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from femur_core.metrics import summarise
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import convergence  # noqa: E402  (bench/accuracy/convergence.py)
+
 COLS = (("dsc", "DSC", 3), ("precision", "precision", 3), ("recall", "recall", 3),
         ("hd95_mm", "HD95 mm", 2), ("assd_mm", "ASSD mm", 2))
 REPO = Path(__file__).resolve().parents[2]
@@ -85,6 +88,24 @@ def _system(res: dict) -> dict:
     return {**{k: v for k, v in res.items() if k != "folds"}, "folds": folds, "summary": summary}
 
 
+def _convergence(ours: dict, peer: dict) -> dict:
+    """The levelling-off rule on every fold of both systems (curves stored with each fold)."""
+    curves, budgets = {}, {}
+    for name, res in (("ours", ours), ("nnU-Net", peer)):
+        curves[name] = {f["fold"]: f.get("curve") for f in res["folds"]}
+        b = {f.get("budget_minutes") for f in res["folds"]} - {None}
+        budgets[name] = b.pop() if len(b) == 1 else (res.get("budget_minutes") or max(
+            f["train_minutes"] for f in res["folds"]))
+    out = convergence.verdicts(curves, budgets)
+    out["budget_minutes"] = budgets
+    return out
+
+
+def _pooled_dsc(res: dict, folds: set) -> float:
+    rows = [r["dsc"] for f in res["folds"] if f["fold"] in folds for r in f["subjects"]]
+    return sum(rows) / len(rows)
+
+
 def build(ours: dict, peer: dict | None, meta: dict) -> dict:
     out = {"benchmark": "accuracy on real MRI (ours vs nnU-Net v2)",
            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -95,40 +116,73 @@ def build(ours: dict, peer: dict | None, meta: dict) -> dict:
            "systems": {"ours": _system(ours)}}
     if peer is not None:
         out["systems"]["nnU-Net"] = _system(peer)
-        a, b = out["systems"]["ours"]["summary"], out["systems"]["nnU-Net"]["summary"]
+        b = out["systems"]["nnU-Net"]["summary"]
+        conv = _convergence(ours, peer)
+        out["convergence"] = conv
         empty = sum(1 for f in peer["folds"] for r in f["subjects"] if not r["dsc"] > 0)
         if empty:  # a peer that left masks empty did not converge: no ratio (it would only measure that)
             out["peer_status"] = (f"did not converge in {b['train_minutes_mean']:.0f} CPU-minutes per fold "
                                   f"(empty masks in {empty} of {b['n_subjects']} subjects); no ratio given")
             return out
-        out["peer_status"] = "segmented every subject (check both loss curves before reading the ratio)"
+        # a ratio only where both systems' training loss levelled off, on the folds the peer ran
+        peer_folds = {f["fold"] for f in peer["folds"]}
+        decide = {"systems": {n: {"folds": {k: v for k, v in s["folds"].items() if k in peer_folds}}
+                              for n, s in conv["systems"].items()}}
+        allowed, why = convergence.ratio_allowed(decide)
+        if not allowed:
+            out["peer_status"] = f"segmented every subject, but {why}: no DSC ratio given"
+            return out
+        out["peer_status"] = f"segmented every subject; {why}"
+        da, db = _pooled_dsc(ours, peer_folds), _pooled_dsc(peer, peer_folds)
+        ta = [f["train_minutes"] for f in ours["folds"] if f["fold"] in peer_folds]
+        tb = [f["train_minutes"] for f in peer["folds"]]
+        bud = conv["budget_minutes"]
         out["ratio_ours_over_nnunet"] = {
-            "mean_dsc": round(a["dsc_mean"] / b["dsc_mean"], 4) if b["dsc_mean"] else None,
-            "training_time": round(a["train_minutes_mean"] / b["train_minutes_mean"], 4)
-            if b["train_minutes_mean"] else None}
+            "mean_dsc": round(da / db, 4) if db else None,
+            "training_time": round((sum(ta) / len(ta)) / (sum(tb) / len(tb)), 4) if sum(tb) else None,
+            "folds": sorted(peer_folds), "ours_dsc_mean_on_these_folds": round(da, 6),
+            "peer_dsc_mean_on_these_folds": round(db, 6),
+            "peer_budget_over_ours": round(bud["nnU-Net"] / bud["ours"], 4) if bud.get("ours") else None}
     return out
 
 
 def format_text(result: dict) -> str:
-    head = f"{'system':<8} {'fold':>9} {'n':>3} " + " ".join(f"{h:>12}" for _, h, _ in COLS) + f" {'train min':>11}"
+    head = (f"{'system':<8} {'fold':>9} {'n':>3} " + " ".join(f"{h:>12}" for _, h, _ in COLS)
+            + f" {'train min':>11} {'epochs':>7} {'iters':>6}")
     lines = [result.get("protocol", ""), head, "-" * len(head)]
     for name, sysres in result["systems"].items():
         for f in sysres["folds"]:
             vals = " ".join(f"{f['mean'][c]:>12.{d}f}" for c, _, d in COLS)
-            lines.append(f"{name:<8} {f['fold']:>9} {f['n']:>3} {vals} {f['train_minutes']:>11.1f}")
+            ep, it = f.get("epochs"), f.get("iterations")
+            lines.append(f"{name:<8} {f['fold']:>9} {f['n']:>3} {vals} {f['train_minutes']:>11.1f}"
+                         f" {ep if ep is not None else '':>7} {it if it is not None else '':>6}")
         s = sysres["summary"]
         ms = " ".join(f"{s[c + '_mean']:.{d}f}+-{s[c + '_sd']:.{d}f}".rjust(12) for c, _, d in COLS)
         tm = f"{s['train_minutes_mean']:.1f}+-{s['train_minutes_sd']:.1f}"
         lines.append(f"{name:<8} {'mean+-sd':>9} {s['n_subjects']:>3} {ms} {tm:>11}")
         lines.append("-" * len(head))
+    conv = result.get("convergence")
+    if conv:
+        lines.append(f"training loss levelled off? rule: {conv['rule']}")
+        for name, v in conv["systems"].items():
+            per = ", ".join(f"fold {k}: {'yes' if f['levelled'] else 'NO'}"
+                            + (f" ({f['relative_change']:.1%})" if f.get("relative_change") is not None else
+                               " (too few epochs)" if "too few" in f.get("reason", "") else " (no curve)")
+                            for k, f in v["folds"].items())
+            lines.append(f"  {name}: {per}")
     if result.get("peer_status"):
         lines.append(f"nnU-Net: {result['peer_status']}")
     r = result.get("ratio_ours_over_nnunet")
     if r:
         def num(v, d):
             return f"{v:.{d}f}" if v is not None else "undefined (the peer's value is 0)"
+        extra = ""
+        if r.get("peer_budget_over_ours") not in (None, 1, 1.0):
+            extra += f"; the peer given {r['peer_budget_over_ours']:g} x ours"
+        if r.get("folds") is not None and len(r["folds"]) < len(result["systems"]["ours"]["folds"]):
+            extra += f"; on fold(s) {', '.join(map(str, r['folds']))} only"
         lines.append(f"ratio (ours/nnU-Net): mean DSC {num(r['mean_dsc'], 3)}, "
-                     f"training time {num(r['training_time'], 2)}")
+                     f"training time {num(r['training_time'], 2)}{extra}")
     peer = result["systems"].get("nnU-Net")
     if peer:
         lines.append(f"nnU-Net preprocessing (not in train min): {peer.get('preprocessing_minutes', float('nan')):.1f} min; "
