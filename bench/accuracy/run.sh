@@ -7,7 +7,9 @@
 # Defaults: the real development data (../shared/data/pelvic_mri next to the checkout), K=4, B=30:
 # the full protocol, 4 x 30 min x 2 systems = 4 h of training alone. Other options (smoke tests,
 # peer settings): --subset N, --work DIR, --results DIR, --peer-tta on|off, --peer-da-workers N,
-# --peer-np N, --peer-iters-per-epoch N, --peer-val-iters N (see accuracy.py --help).
+# --peer-np N, --peer-iters-per-epoch N, --peer-val-iters N; the peer that converges on a CPU:
+# --peer-plans cpu --budget-clock cpu --peer-da-workers 0 --ours-ensemble 1 [--peer-budget-minutes B2]
+# (see accuracy.py --help and bench/README.md).
 # Re-running the same command resumes: finished folds are kept (work folder bench/accuracy/work/).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -20,7 +22,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --data) DATA="${args[$((i + 1))]:-}" ;;
     --data=*) DATA="${args[$i]#--data=}" ;;
     --skip-peer) SKIP_PEER=1 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
   esac
 done
 if [ ! -d "$DATA" ]; then
