@@ -218,3 +218,14 @@ def test_peer_on_fewer_folds_or_longer_budget_is_compared_on_its_folds():
     assert res["convergence"]["systems"]["nnU-Net"]["all_levelled"] is True
     assert res["ratio_ours_over_nnunet"]["folds"] == [0]
     assert res["ratio_ours_over_nnunet"]["peer_budget_over_ours"] == pytest.approx(2.5)
+
+
+def test_results_json_round_trip_reprints_the_same_verdicts(tmp_path, capsys):
+    res = table.build(_system("ours", 0.9, [FLAT, FLAT]), _system("nnU-Net", 0.8, [FLAT, FALLING]),
+                      {"protocol": "test"})
+    path = table.write_json(res, tmp_path)
+    assert path.name.startswith("accuracy-") and not list(tmp_path.glob("*.tmp*"))
+    assert table.main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.strip() == table.format_text(res).strip()
+    assert "nnU-Net: fold 0: yes" in printed and "fold 1: NO" in printed

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from femur_core.volume_io import write_json
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PEER_BIN = HERE / ".venv-peer" / "bin"
@@ -287,7 +289,7 @@ def run_peer(args, work: Path, files: dict, folds: list[list[str]]) -> dict:
             cmd.append("--no_pp")
         minutes, peak = run_step(cmd, plan_env, "nnU-Net: plan" + (" and preprocess" if conf == "2d" else ""))
         pre = {"minutes": round(minutes, 2), "peak_rss_gib": peak, "subjects": ids}
-        pre_done.write_text(json.dumps(pre))
+        write_json(pre_done, pre)
     plans_file = nn / "preprocessed" / DATASET / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     if conf != "2d":  # the plans edited to this CPU: our grid, patch, batch and network size
@@ -297,21 +299,21 @@ def run_peer(args, work: Path, files: dict, folds: list[list[str]]) -> dict:
         if pre_cpu.get("subjects") == ids and plans["configurations"].get(conf) == edited["configurations"][conf]:
             log(f"nnU-Net: {conf} preprocessing already done ({pre_cpu['minutes']:.1f} min)")
         else:
-            plans_file.write_text(json.dumps(edited, indent=4))
+            write_json(plans_file, edited, indent=4)  # atomically: nnU-Net reads it
             plans = edited
             log(f"nnU-Net: added configuration {conf} to {plans_file}: "
                 f"{json.dumps(peer_plans.describe(plans['configurations'][conf]))}")
             minutes, peak = run_step(["nnUNetv2_preprocess", "-d", DATASET_ID, "-c", conf, "-np", args.peer_np],
                                      plan_env, f"nnU-Net: preprocess {conf}")
             pre_cpu = {"minutes": round(minutes, 2), "peak_rss_gib": peak, "subjects": ids}
-            pre_cpu_done.write_text(json.dumps(pre_cpu))
+            write_json(pre_cpu_done, pre_cpu)
         pre = {**pre, "minutes": round(pre["minutes"] + pre_cpu["minutes"], 2),
                "peak_rss_gib": max(pre.get("peak_rss_gib") or 0, pre_cpu.get("peak_rss_gib") or 0)}
     # 3. OUR folds as nnU-Net's splits_final.json (train = the other folds, val = the fold)
     splits = [{"train": sorted(i for j, f in enumerate(folds) if j != k for i in f), "val": sorted(folds[k])}
               for k in range(len(folds))]
     splits_file = nn / "preprocessed" / DATASET / "splits_final.json"
-    splits_file.write_text(json.dumps(splits, indent=2))
+    write_json(splits_file, splits, indent=2)
     if args.peer_prepare_only:
         log("nnU-Net: --peer-prepare-only: planned and preprocessed; no training")
         raise SystemExit(0)
@@ -375,7 +377,7 @@ def run_peer(args, work: Path, files: dict, folds: list[list[str]]) -> dict:
              "predict_minutes": round(pred_min, 2), "peak_rss_gib_train": train_peak,
              "peak_rss_gib_predict": pred_peak, "settings": fold_settings,
              "curve": convergence.peer_curve(fold_dir / "time_budget.json"), "subjects": rows}
-        done.write_text(json.dumps(r, indent=2))
+        write_json(done, r, indent=2)
         out_folds.append(r)
         log(f"nnU-Net: fold {k}: DSC {np.mean([s['dsc'] for s in rows]):.4f} ({tb['iterations']} iterations "
             f"in {tb['epochs']} epochs, {train_minutes:.1f} {args.budget_clock} min)")
@@ -500,14 +502,14 @@ def main(argv=None) -> int:
         folds = json.loads((work / "ours" / "splits.json").read_text())["folds"]
         run_peer(args, work, files, folds)
     ours = run_ours(args, data, work, files)
-    (work / "results-ours.json").write_text(json.dumps(ours, indent=2))
+    write_json(work / "results-ours.json", ours, indent=2)
     folds = json.loads((work / "ours" / "splits.json").read_text())["folds"]
     peer = None
     if not args.skip_peer:
         peer = run_peer(args, work, files, folds)
         tag = "" if peer["plans"] == "default" and peer["budget_minutes"] == args.budget_minutes \
             else f"-{peer_configuration(args)}-b{peer['budget_minutes']}"
-        (work / f"results-nnunet{tag}.json").write_text(json.dumps(peer, indent=2))
+        write_json(work / f"results-nnunet{tag}.json", peer, indent=2)
 
     meta = {"protocol": protocol, "folds": args.folds, "budget_minutes": args.budget_minutes,
             "budget_clock": args.budget_clock, "ours_ensemble": args.ours_ensemble,
@@ -519,8 +521,7 @@ def main(argv=None) -> int:
             "command": "bash bench/accuracy/run.sh " + " ".join(sys.argv[1:])}
     result = table.build(ours, peer, meta)
     out = table.write_json(result, Path(args.results) if not args.subset else work)  # before printing
-    (work / ("accuracy.json" if peer is None or not tag else f"accuracy{tag}.json")).write_text(
-        json.dumps(result, indent=2))
+    write_json(work / ("accuracy.json" if peer is None or not tag else f"accuracy{tag}.json"), result, indent=2)
     print(table.format_text(result))
     print(f"results: {out}")
     return 0

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from femur_core.metrics import summarise
+from femur_core.volume_io import write_json as _write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import convergence  # noqa: E402  (bench/accuracy/convergence.py)
@@ -192,13 +193,11 @@ def format_text(result: dict) -> str:
 
 
 def write_json(result: dict, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
     day = result["date"][:10]
     path = folder / f"accuracy-{day}.json"
     if path.exists():  # a second run on the same day keeps the first
         path = folder / f"accuracy-{day}-{result['date'][11:16].replace(':', '')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return path
+    return _write_json_atomic(path, result, indent=1)
 
 
 def main(argv=None) -> int:
