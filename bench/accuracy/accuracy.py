@@ -331,7 +331,7 @@ def run_peer(args, work: Path, files: dict, folds: list[list[str]]) -> dict:
         else f"-{conf}-b{budget}"
     results_root = nn / f"results{tag}"
     env["nnUNet_results"] = str(results_root)
-    which = [k for k in range(len(folds)) if args.peer_folds is None or k in args.peer_folds]
+    which = list(range(len(folds))) if args.peer_folds is None else [k for k in args.peer_folds if k < len(folds)]
     for k in which:
         test_ids = folds[k]
         done = nn / f"fold{k}{tag}.json"
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
                     help="the peer's per-fold budget when it differs from ours (default: --budget-minutes); "
                          "its records and results are kept apart from the equal-budget run's")
     ap.add_argument("--peer-folds", type=int, nargs="+",
-                    help="train and predict the peer on these folds only (default: all); the table says so")
+                    help="train and predict the peer on these folds only, in this order (default: all); the table says so")
     ap.add_argument("--peer-prepare-only", action="store_true",
                     help="plan and preprocess the peer's data (needs our splits.json), then stop")
     args = ap.parse_args(argv)
