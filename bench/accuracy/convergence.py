@@ -146,4 +146,4 @@ def ratio_allowed(verdict: dict) -> tuple[bool, str]:
         return False, "no loss curves: convergence not checked"
     if missing:
         return False, "training loss not levelled off: " + "; ".join(missing)
-    return True, "the training loss levelled off in every fold of both systems"
+    return True, "the training loss levelled off in every fold compared, in both systems"

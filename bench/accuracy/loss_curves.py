@@ -64,7 +64,7 @@ def draw(results: list[dict], out: Path) -> Path:
             rel = v.get("relative_change")
             tag = ("levelled off" if v["levelled"] else "NOT levelled off") + \
                 (f", {rel:.1%}" if rel is not None else "")
-            ax.plot(c["minutes"], c["loss"], lw=1.2, label=f"fold {f['fold']} ({tag})")
+            ax.plot(c["minutes"], c["loss"], lw=1.2, color=f"C{int(f['fold']) % 10}", label=f"fold {f['fold']} ({tag})")
         ax.set_title(p["title"], fontsize=9)
         ax.set_xlabel(f"training time ({p['clock']} minutes)")
         ax.set_ylabel("training loss (its own scale)")
