@@ -190,6 +190,10 @@ def add_common_training_args(ap: argparse.ArgumentParser) -> None:
                    help="the model is the epoch with the best validation DSC, or the final epoch")
     g.add_argument("--validate-every", type=int, metavar="N",
                    help="validate every N epochs and after the last (the others record no validation DSC)")
+    g.add_argument("--pretrain-minutes", type=float, metavar="M",
+                   help="first M minutes of the budget: one network learns a generated synthetic cohort, and "
+                        "every member starts from it (0 = off)")
+    g.add_argument("--pretrain-subjects", type=int, metavar="N", help="size of that synthetic cohort")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -207,7 +211,8 @@ _PLAIN_FLAGS = {"loss": "loss", "lr": "lr", "lr_schedule": "lr_schedule", "epoch
                 "seed": "seed", "device": "device", "precision": "precision", "ensemble": "ensemble",
                 "budget_clock": "budget_clock", "patches_per_volume": "patches_per_volume",
                 "keep_weights": "keep_weights", "validate_every": "validate_every",
-                "bg_slice_ratio": "bg_slice_ratio"}
+                "bg_slice_ratio": "bg_slice_ratio", "pretrain_minutes": "pretrain_minutes",
+                "pretrain_subjects": "pretrain_subjects"}
 _GRID_FLAGS = ("in_plane_spacing", "in_plane_size", "central_slices")
 #: Flags that :func:`args_from_config` always writes, so a printed command reads complete.
 ALWAYS_WRITTEN = ("model", "features", "levels", "epochs", "patience", "budget_minutes", "seed", "device")

@@ -54,6 +54,8 @@ class FitResult:
     config: TrainConfig
     #: ensembles: per subject, the DSC of the member that never trained on it, at ``threshold``
     out_of_fold: list[dict] = dataclasses.field(default_factory=list)
+    #: with ``pretrain_minutes``: the synthetic pretraining's minutes (budget clock), epochs and cohort size
+    pretrain: dict | None = None
 
     @property
     def checkpoint(self) -> Path:
@@ -175,9 +177,23 @@ def fit(
                                 "choose another output folder or delete it")
     splits = member_split(subjects, config, seed)
     by_id = {s.id: s for s in subjects}
-    member_cfg = config
-    if k > 1 and config.max_minutes:
-        member_cfg = config.replace(max_minutes=config.max_minutes / k)
+    budget, pretrain = config.max_minutes, None
+    if config.pretrain_minutes and config.pretrain_minutes > 0 and init_from is None:
+        from .pretrain import pretrain_synthetic
+        from .training import _effective_config
+
+        if budget and config.pretrain_minutes >= budget:
+            raise ValueError(f"pretrain_minutes ({config.pretrain_minutes:g}) must be less than the budget "
+                             f"({budget:g} min): the members need the rest")
+        pre = pretrain_synthetic(config, out / "pretrain", bones=_effective_config(config, subjects).aux_labels,
+                                 progress=progress, cancel=cancel, fold=fold)
+        init_from = pre.model
+        pretrain = {"minutes": pre.minutes, "epochs": pre.epochs, "subjects": int(config.pretrain_subjects)}
+        if budget:  # the members share what the pretraining left (at least a minute)
+            budget = max(budget - pre.minutes, 1.0)
+    member_cfg = config.replace(max_minutes=budget)
+    if k > 1 and budget:
+        member_cfg = config.replace(max_minutes=budget / k)
     results: list[TrainResult] = []
     for j, (tr, es) in enumerate(splits):
         if k > 1 and j > 0:  # (not before the first: a refusal of the run stays the only line printed)
@@ -211,5 +227,5 @@ def fit(
         torch.cuda.empty_cache()
     return FitResult(model_file, thr, source, results,
                      [{"train": tr, "early_stopping": es} for tr, es in splits],
-                     float(sum(r.minutes for r in results)), eff, oof)
+                     float(sum(r.minutes for r in results)), eff, oof, pretrain)
 

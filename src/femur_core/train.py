@@ -121,6 +121,7 @@ def train_final_model(
             "train": res.config.to_dict(), "threshold": res.threshold, "threshold_source": res.threshold_source,
             "epochs": res.epochs, "member_epochs": [m.epochs for m in res.members],
             **({"out_of_fold_dsc": res.out_of_fold} if res.out_of_fold else {}),
+            **({"pretrain": res.pretrain} if res.pretrain else {}),
             "stop_reason": res.stop_reason, "train_minutes": res.minutes, "environment": environment_info(),
             **({"world_size": world, "global_batch_size": config.batch_size * world} if world > 1 else {})}),
             overwrite=True)

@@ -138,6 +138,14 @@ class TrainConfig:
         the femur mask alone (with a progress note where only some subjects
         have one), and the saved configuration says so
         (``aux_labels`` false, ``model.n_classes`` 2).
+    pretrain_minutes : float
+        Minutes of ``max_minutes`` (same clock) spent first on a synthetic
+        cohort (:mod:`femur_core.pretrain`): one network of the same
+        architecture and grid learns ``pretrain_subjects`` generated scans,
+        then every member starts from its weights at ``lr``; the members share
+        what is left of the budget. 0: off (members start from random weights).
+    pretrain_subjects : int
+        Size of that synthetic cohort.
     """
 
     model: ModelConfig = field(default_factory=lambda: default_config("3d"))
@@ -167,6 +175,8 @@ class TrainConfig:
     ensemble: int = 1
     keep_weights: str = "best"
     validate_every: int = 1
+    pretrain_minutes: float = 0.0
+    pretrain_subjects: int = 60
 
     def to_dict(self) -> dict:
         d = asdict(self)
