@@ -123,6 +123,22 @@ def _out_of_fold(results: list[TrainResult], splits, by_id: dict[str, Subject], 
     return thr, scores
 
 
+def _pretrain(subjects, config: TrainConfig, out: Path, progress, cancel, fold):
+    """Synthetic pretraining for :func:`fit`: (its model file, its record, the members' budget)."""
+    from .pretrain import pretrain_synthetic
+    from .training import _effective_config
+
+    budget = config.max_minutes
+    if budget and config.pretrain_minutes >= budget:
+        raise ValueError(f"pretrain_minutes ({config.pretrain_minutes:g}) must be less than the budget "
+                         f"({budget:g} min): the members need the rest")
+    pre = pretrain_synthetic(config, out / "pretrain", bones=_effective_config(config, subjects).aux_labels,
+                             progress=progress, cancel=cancel, fold=fold)
+    if budget:  # the members share what the pretraining left (at least a minute)
+        budget = max(budget - pre.minutes, 1.0)
+    return pre.model, {"minutes": pre.minutes, "epochs": pre.epochs, "subjects": int(config.pretrain_subjects)}, budget
+
+
 def fit(
     subjects: list[Subject],
     config: TrainConfig,
@@ -179,18 +195,7 @@ def fit(
     by_id = {s.id: s for s in subjects}
     budget, pretrain = config.max_minutes, None
     if config.pretrain_minutes and config.pretrain_minutes > 0 and init_from is None:
-        from .pretrain import pretrain_synthetic
-        from .training import _effective_config
-
-        if budget and config.pretrain_minutes >= budget:
-            raise ValueError(f"pretrain_minutes ({config.pretrain_minutes:g}) must be less than the budget "
-                             f"({budget:g} min): the members need the rest")
-        pre = pretrain_synthetic(config, out / "pretrain", bones=_effective_config(config, subjects).aux_labels,
-                                 progress=progress, cancel=cancel, fold=fold)
-        init_from = pre.model
-        pretrain = {"minutes": pre.minutes, "epochs": pre.epochs, "subjects": int(config.pretrain_subjects)}
-        if budget:  # the members share what the pretraining left (at least a minute)
-            budget = max(budget - pre.minutes, 1.0)
+        init_from, pretrain, budget = _pretrain(subjects, config, out, progress, cancel, fold)
     member_cfg = config.replace(max_minutes=budget)
     if k > 1 and budget:
         member_cfg = config.replace(max_minutes=budget / k)
