@@ -196,9 +196,7 @@ def fit(
     budget, pretrain = config.max_minutes, None
     if config.pretrain_minutes and config.pretrain_minutes > 0 and init_from is None:
         init_from, pretrain, budget = _pretrain(subjects, config, out, progress, cancel, fold)
-    member_cfg = config.replace(max_minutes=budget)
-    if k > 1 and budget:
-        member_cfg = config.replace(max_minutes=budget / k)
+    member_cfg = config.replace(max_minutes=budget / k if budget else budget)  # the members share the budget
     results: list[TrainResult] = []
     for j, (tr, es) in enumerate(splits):
         if k > 1 and j > 0:  # (not before the first: a refusal of the run stays the only line printed)

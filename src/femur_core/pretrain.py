@@ -49,6 +49,7 @@ class Pretrained:
 
 
 def _cohort_complete(folder: Path, n: int, bones: bool, geometry: str, downsample: int) -> bool:
+    from .data import subject_file
     from .synthetic import SYNTHETIC_MARKER
 
     marker = folder / SYNTHETIC_MARKER
@@ -61,7 +62,7 @@ def _cohort_complete(folder: Path, n: int, bones: bool, geometry: str, downsampl
     kinds = ("image", "femur", "bones") if bones else ("image", "femur")
     return (m.get("n") == n and m.get("seed") == PRETRAIN_SEED and bool(m.get("bones")) == bones
             and m.get("geometry") == geometry and m.get("downsample") == downsample
-            and all((folder / f"sub{i + 1:02d}_{k}.nii.gz").exists() for i in range(n) for k in kinds))
+            and all(subject_file(folder, f"sub{i + 1:02d}", k).exists() for i in range(n) for k in kinds))
 
 
 def pretrain_synthetic(
