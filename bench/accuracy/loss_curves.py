@@ -74,9 +74,13 @@ def draw(results: list[dict], out: Path) -> Path:
     fig.suptitle("Training loss per epoch; shaded: the previous and last 20 % of the budget "
                  f"(levelled off: change <= {convergence.TOLERANCE:.0%} of the loss range)", fontsize=9)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    import io
+
+    from femur_core.volume_io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return atomic_write_bytes(out, buf.getvalue(), overwrite=True)
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from rows import ROWS, RUNS, STUDY_CURVES  # noqa: E402
 
-from femur_core.volume_io import write_json
+from femur_core.volume_io import atomic_write_bytes, write_json
 from femur_core.metrics import curves_from_counts  # noqa: E402
 
 METRICS = ("dsc", "precision", "recall", "specificity", "hd95_mm", "assd_mm")
@@ -102,10 +102,7 @@ def mean_curves(run_dir: Path, only: set[int] | None = None) -> dict | None:
 def _savefig(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write_bytes(path, buf.getvalue(), overwrite=True)
 
 
 def figure3(out: Path, runs_dir: Path, table: dict, tag: str = "") -> Path | None:
